@@ -1,0 +1,1 @@
+"""Model side of heretic-dist. Nothing in this package imports Ray."""
