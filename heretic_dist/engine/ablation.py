@@ -1,0 +1,124 @@
+"""The math of the edit (ALGORITHM.md sections 2-4) as pure functions: tensors in, tensors out."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .types import COMPONENTS, ComponentParams, TrialParams
+
+
+def winsorize(residuals: torch.Tensor, quantile: float) -> torch.Tensor:
+    """Clamp each (prompt, row) vector to the q-quantile of its absolute components."""
+    if not 0 <= quantile < 1:
+        return residuals
+    thresholds = torch.quantile(residuals.abs(), quantile, dim=-1, keepdim=True)
+    return torch.clamp(residuals, -thresholds, thresholds)
+
+
+def directions_from_sums(
+    good_sum: torch.Tensor,
+    good_count: int,
+    bad_sum: torch.Tensor,
+    bad_count: int,
+    orthogonalize: bool,
+) -> torch.Tensor:
+    """Refusal direction per row from float64 residual sums (rows x d) -> float32 (rows x d).
+
+    Sums, not means, are the unit of exchange so that shards over workers reduce exactly.
+    """
+    if good_count <= 0 or bad_count <= 0:
+        raise ValueError("directions need at least one good and one bad prompt")
+    good_mean = (good_sum / good_count).to(torch.float32)
+    bad_mean = (bad_sum / bad_count).to(torch.float32)
+    directions = F.normalize(bad_mean - good_mean, p=2, dim=1)
+    if orthogonalize:
+        # Remove only the part of the refusal direction orthogonal to the harmless mean.
+        good_unit = F.normalize(good_mean, p=2, dim=1)
+        along = (directions * good_unit).sum(dim=1, keepdim=True)
+        directions = F.normalize(directions - along * good_unit, p=2, dim=1)
+    return directions
+
+
+def global_direction(directions: torch.Tensor, index: float) -> torch.Tensor:
+    """Interpolate between rows k and k+1 for a float layer index (row 0 is the embedding)."""
+    alpha, whole = math.modf(index + 1)
+    k = int(whole)
+    return F.normalize(directions[k].lerp(directions[k + 1], alpha), p=2, dim=0)
+
+
+def layer_weight(layer: int, params: ComponentParams) -> float:
+    """Tent kernel over layers: 0.0 means the layer is not edited."""
+    distance = abs(layer - params.max_weight_position)
+    if distance > params.min_weight_distance:
+        return 0.0
+    return params.max_weight + (distance / params.min_weight_distance) * (
+        params.min_weight - params.max_weight
+    )
+
+
+def decode_trial_params(
+    raw: dict[str, Any], n_layers: int, allow_mlp_off: bool = False
+) -> TrialParams:
+    """Turn sampled search-space values (upstream Heretic's parameter names) into TrialParams."""
+    scope = raw["direction_scope"]
+    if scope not in ("global", "per layer"):
+        raise ValueError(f"unknown direction_scope {scope!r}")
+    components = {}
+    for name in COMPONENTS:
+        if f"{name}.max_weight" not in raw:
+            continue
+        max_weight = float(raw[f"{name}.max_weight"])
+        if allow_mlp_off and name == "mlp.down_proj":
+            max_weight = max(max_weight, 0.0)
+        components[name] = ComponentParams(
+            max_weight=max_weight,
+            max_weight_position=float(raw[f"{name}.max_weight_position"]),
+            min_weight=float(raw[f"{name}.min_weight"]) * max_weight,
+            min_weight_distance=float(raw[f"{name}.min_weight_distance"]),
+        )
+    index = None if scope == "per layer" else float(raw["direction_index"])
+    return TrialParams(direction_scope=scope, direction_index=index, components=components)
+
+
+def layer_direction(directions: torch.Tensor, params: TrialParams, layer: int) -> torch.Tensor:
+    if params.direction_index is None:
+        return directions[layer + 1]
+    return global_direction(directions, params.direction_index)
+
+
+def lora_factors(
+    weight: torch.Tensor,
+    v: torch.Tensor,
+    w: float,
+    row_normalization: str,
+    rank: int = 1,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA factors (A: r x d_in, B: d_out x r) so that W + B A is the ablated weight.
+
+    weight is float32 (d_out x d_in), v a unit vector in the output space, w the tent weight.
+    """
+    if row_normalization == "none":
+        return (v @ weight).view(1, -1), (-w * v).view(-1, 1)
+    norms = torch.linalg.vector_norm(weight, dim=1, keepdim=True)
+    unit_rows = F.normalize(weight, p=2, dim=1)
+    a = (v @ unit_rows).view(1, -1)
+    b = (-w * v).view(-1, 1)
+    if row_normalization == "pre":
+        return a, norms * b
+    if row_normalization != "full":
+        raise ValueError(f"unknown row_normalization {row_normalization!r}")
+    edited = F.normalize(unit_rows + b @ a, p=2, dim=1) * norms
+    return low_rank_factors(edited - weight, rank, seed)
+
+
+def low_rank_factors(delta: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded randomized SVD: delta ~ B @ A with rank `rank` (reseeded so a trial is reproducible)."""
+    torch.manual_seed(seed)
+    u, s, v = torch.svd_lowrank(delta, q=2 * rank + 4, niter=6)
+    sqrt_s = torch.sqrt(s[:rank])
+    return sqrt_s[:, None] * v[:, :rank].T, u[:, :rank] * sqrt_s[None, :]

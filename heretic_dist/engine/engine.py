@@ -1,0 +1,227 @@
+"""Engine: one loaded model with LoRA adapters, and everything a worker does with it."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import Any
+
+import torch
+
+from . import residuals as passes
+from .ablation import layer_direction, layer_weight, lora_factors
+from .components import LayerComponents, find_components
+from .loading import load_model
+from .scoring import MarkerRefusalScorer, kl_per_prompt
+from .types import PartialResult, Prompt, Shard, TrialParams
+
+log = logging.getLogger(__name__)
+
+
+def _is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+class Engine:
+    """Holds the model once; trials only rewrite LoRA factors (reset = every B to zero)."""
+
+    def __init__(self, settings, loaded=None):
+        self.settings = settings
+        self.loaded = loaded or load_model(settings)
+        self.tokenizer = self.loaded.tokenizer
+        self.components: LayerComponents = find_components(self.loaded.model)
+        self.rank = settings.full_normalization_lora_rank if settings.row_normalization == "full" else 1
+        self.model = self._attach_lora(self.loaded.model)
+        self.seed = settings.seed if settings.seed is not None else 0
+        self.scorer = MarkerRefusalScorer(settings.refusal_markers)
+        self.response_prefix = settings.response_prefix or ""
+        self.directions: torch.Tensor | None = None
+        self.good_eval: list[Prompt] = []
+        self.bad_eval: list[Prompt] = []
+        self._baselines: dict[tuple[int, int], torch.Tensor] = {}
+        self._row_norms: dict[str, torch.Tensor] = {}
+        self._batch = {"forward": settings.batch_size or settings.max_batch_size,
+                       "generate": settings.batch_size or settings.max_batch_size}
+        self.early_stop = True
+
+    # --- setup -------------------------------------------------------------------------------
+
+    def _attach_lora(self, model):
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=self.rank,
+            lora_alpha=self.rank,  # scale 1: B A is the edit itself
+            lora_dropout=0.0,
+            target_modules=self.components.module_names(),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        peft_model = get_peft_model(model, config)
+        peft_model.eval()
+        self._lora = {}
+        for name, module in peft_model.named_modules():
+            if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+                self._lora[name.removeprefix("base_model.model.")] = module
+        missing = set(self.components.module_names()) - set(self._lora)
+        if missing:
+            raise RuntimeError(f"LoRA adapters missing for {sorted(missing)[:3]}")
+        self.reset()
+        return peft_model
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "n_layers": len(self.components.layers),
+            "components": self.components.names,
+            "modules": len(self.components.module_names()),
+            "unsupported": self.components.unsupported,
+            "dtype": str(self.loaded.dtype).removeprefix("torch."),
+            "device": str(self.model.device),
+            "host": socket.gethostname(),
+            "load_seconds": self.loaded.load_seconds,
+            "response_prefix": self.response_prefix,
+        }
+
+    def set_response_prefix(self, prefix: str) -> None:
+        if prefix != self.response_prefix:
+            self._baselines.clear()
+        self.response_prefix = prefix
+
+    def set_directions(self, directions: torch.Tensor) -> None:
+        expected = (len(self.components.layers) + 1, self.model.config.get_text_config().hidden_size)
+        if tuple(directions.shape) != expected:
+            raise ValueError(f"directions have shape {tuple(directions.shape)}, this model needs {expected}")
+        self.directions = directions.to(torch.float32)
+
+    def set_eval_prompts(self, good: list[Prompt], bad: list[Prompt]) -> None:
+        self.good_eval, self.bad_eval = list(good), list(bad)
+        self._baselines.clear()
+
+    # --- passes ------------------------------------------------------------------------------
+
+    def _with_batch(self, kind: str, fn):
+        """Run fn(batch_size); on out-of-memory halve the batch size for this kind of call and retry."""
+        while True:
+            try:
+                return fn(self._batch[kind])
+            except Exception as error:
+                if not _is_oom(error) or self._batch[kind] == 1:
+                    raise
+                self._batch[kind] = max(1, self._batch[kind] // 2)
+                log.warning("out of memory; %s batch size now %d", kind, self._batch[kind])
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+
+    def responses(self, prompts: list[Prompt], skip_special_tokens: bool = False) -> list[str]:
+        return self._with_batch("generate", lambda b: passes.generate_replies(
+            self.model, self.tokenizer, prompts, self.response_prefix,
+            self.settings.max_response_length, b, skip_special_tokens))
+
+    def detect_response_prefix(self, prompts: list[Prompt]) -> str:
+        def generate(prefix: str) -> list[str]:
+            return self._with_batch("generate", lambda b: passes.generate_replies(
+                self.model, self.tokenizer, prompts, prefix, self.settings.max_response_length, b, False))
+
+        return passes.detect_response_prefix(generate, self.settings.chain_of_thought_skips)
+
+    def residual_sums(self, prompts: list[Prompt]) -> tuple[torch.Tensor, int]:
+        self.reset()
+        return self._with_batch("forward", lambda b: passes.residual_sums(
+            self.model, self.tokenizer, prompts, self.response_prefix, b,
+            self.settings.winsorization_quantile))
+
+    def logprobs(self, prompts: list[Prompt]) -> torch.Tensor:
+        return self._with_batch("forward", lambda b: passes.logprobs(
+            self.model, self.tokenizer, prompts, self.response_prefix, b))
+
+    def count_refusals(self, prompts: list[Prompt]) -> int:
+        stop = self.scorer.contains_marker if self.early_stop else None
+        replies = self._with_batch("generate", lambda b: passes.generate_replies(
+            self.model, self.tokenizer, prompts, self.response_prefix,
+            self.settings.max_response_length, b, True, stop))
+        return sum(self.scorer.is_refusal(r) for r in replies)
+
+    def baseline(self, shard: Shard) -> torch.Tensor:
+        """Log-probs of the unedited model on this shard's harmless prompts, computed once."""
+        key = (shard.index, shard.count)
+        if key not in self._baselines:
+            self.reset()
+            self._baselines[key] = self.logprobs(shard.take(self.good_eval))
+        return self._baselines[key]
+
+    # --- the edit ----------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        for module in self._lora.values():
+            torch.nn.init.zeros_(module.lora_B["default"].weight)
+
+    def _base_weight(self, name: str, module) -> torch.Tensor:
+        base = module.base_layer.weight
+        quant_state = getattr(base, "quant_state", None)
+        if quant_state is None:
+            return base.detach().to(torch.float32)
+        from .quant import dequantize_4bit
+
+        return dequantize_4bit(base, quant_state).to(torch.float32)
+
+    def apply(self, params: TrialParams) -> None:
+        """Reset, then write the LoRA factors of `params` into every module it edits."""
+        if self.directions is None:
+            raise RuntimeError("set_directions() must be called before a trial")
+        self.reset()
+        mode = self.settings.row_normalization
+        for layer_index, layer in enumerate(self.components.layers):
+            for component, modules in layer.items():
+                kernel = params.components.get(component)
+                if kernel is None:
+                    continue
+                w = layer_weight(layer_index, kernel)
+                if w == 0.0:
+                    continue  # zero weight: no edit, skip the work
+                v = layer_direction(self.directions, params, layer_index)
+                for name, _ in modules:
+                    module = self._lora[name]
+                    weight = self._base_weight(name, module)
+                    weight = weight.view(weight.shape[0], -1)
+                    a, b = lora_factors(weight, v.to(weight.device), w, mode, self.rank, self.seed)
+                    lora_a, lora_b = module.lora_A["default"].weight, module.lora_B["default"].weight
+                    lora_a.data = a.to(device=lora_a.device, dtype=lora_a.dtype)
+                    lora_b.data = b.to(device=lora_b.device, dtype=lora_b.dtype)
+
+    def edited_model(self, params: TrialParams | None):
+        """The PEFT model with `params` applied (for export)."""
+        if params is None:
+            self.reset()
+        else:
+            self.apply(params)
+        return self.model
+
+    # --- a trial -----------------------------------------------------------------------------
+
+    def run_trial(self, params: TrialParams | None, shard: Shard) -> PartialResult:
+        """Score `params` (None = the unedited model) on this shard of the evaluation prompts."""
+        good, bad = shard.take(self.good_eval), shard.take(self.bad_eval)
+        base = self.baseline(shard) if good else None
+        t0 = time.perf_counter()
+        if params is None:
+            self.reset()
+        else:
+            self.apply(params)
+        t1 = time.perf_counter()
+        kl_sum = float(kl_per_prompt(base, self.logprobs(good)).sum()) if good else 0.0
+        t2 = time.perf_counter()
+        gate = self.settings.kl_gate
+        if gate is not None and good and kl_sum / len(good) > gate:
+            refusals = len(bad)  # opt-in shortcut: too far from the original, score as refusing all
+        else:
+            refusals = self.count_refusals(bad) if bad else 0
+        t3 = time.perf_counter()
+        return PartialResult(
+            refusals=refusals,
+            bad_scored=len(bad),
+            kl_sum=kl_sum,
+            good_scored=len(good),
+            timings={"edit_s": t1 - t0, "kl_s": t2 - t1, "generation_s": t3 - t2},
+            host=socket.gethostname(),
+        )

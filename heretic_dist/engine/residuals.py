@@ -1,0 +1,156 @@
+"""Prompt rendering and the model passes a trial needs: residuals, first-token log-probs, replies."""
+
+from __future__ import annotations
+
+from os.path import commonprefix
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .ablation import winsorize
+from .types import Prompt
+
+
+def render(tokenizer, prompts: list[Prompt], response_prefix: str = "") -> list[str]:
+    """Chat-template each prompt (system + user, generation prompt added), then the prefix."""
+    chats = [
+        [{"role": "system", "content": p.system}, {"role": "user", "content": p.user}] for p in prompts
+    ]
+    texts = tokenizer.apply_chat_template(chats, add_generation_prompt=True, tokenize=False)
+    return [t + response_prefix for t in texts] if response_prefix else list(texts)
+
+
+def tokenize(tokenizer, texts: list[str], device) -> dict[str, torch.Tensor]:
+    return tokenizer(texts, return_tensors="pt", padding=True, return_token_type_ids=False).to(device)
+
+
+def batches(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), max(size, 1)):
+        yield items[start : start + size]
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as generate() computes them for the first step."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 1)
+
+
+@torch.inference_mode()
+def last_position_hidden_states(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Hidden states at the last prompt position for every row (embedding + each layer), float32.
+
+    Returns (batch, L+2, d).
+    """
+    out = model(
+        **inputs,
+        position_ids=position_ids(inputs["attention_mask"]),
+        output_hidden_states=True,
+        use_cache=False,
+    )
+    return torch.stack([h[:, -1, :] for h in out.hidden_states], dim=1).to(torch.float32)
+
+
+@torch.inference_mode()
+def first_token_logprobs(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Log-probabilities of the first generated token (batch, vocab), float32."""
+    out = model(
+        **inputs,
+        position_ids=position_ids(inputs["attention_mask"]),
+        use_cache=False,
+        logits_to_keep=1,
+    )
+    return F.log_softmax(out.logits[:, -1, :].to(torch.float32), dim=-1)
+
+
+def residual_sums(
+    model, tokenizer, prompts: list[Prompt], response_prefix: str, batch_size: int, quantile: float
+) -> tuple[torch.Tensor, int]:
+    """Float64 sums of (winsorized) first-token residuals over prompts: (L+2, d), count."""
+    total = None
+    for batch in batches(prompts, batch_size):
+        inputs = tokenize(tokenizer, render(tokenizer, batch, response_prefix), model.device)
+        residuals = winsorize(last_position_hidden_states(model, inputs), quantile)
+        part = residuals.sum(dim=0, dtype=torch.float64).cpu()
+        total = part if total is None else total + part
+    if total is None:
+        raise ValueError("residual_sums needs at least one prompt")
+    return total, len(prompts)
+
+
+def logprobs(model, tokenizer, prompts: list[Prompt], response_prefix: str, batch_size: int) -> torch.Tensor:
+    parts = [
+        first_token_logprobs(model, tokenize(tokenizer, render(tokenizer, b, response_prefix), model.device)).cpu()
+        for b in batches(prompts, batch_size)
+    ]
+    return torch.cat(parts, dim=0)
+
+
+@torch.inference_mode()
+def generate_replies(
+    model,
+    tokenizer,
+    prompts: list[Prompt],
+    response_prefix: str,
+    max_new_tokens: int,
+    batch_size: int,
+    skip_special_tokens: bool,
+    stop_when: Callable[[str], bool] | None = None,
+) -> list[str]:
+    """Greedy replies. With stop_when, a reply stops growing once stop_when(reply so far) holds."""
+    replies: list[str] = []
+    for batch in batches(prompts, batch_size):
+        inputs = tokenize(tokenizer, render(tokenizer, batch, response_prefix), model.device)
+        kwargs = {}
+        if stop_when is not None:
+            kwargs["stopping_criteria"] = [_DecidedCriteria(tokenizer, inputs["input_ids"].shape[1], stop_when)]
+        out = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            **kwargs,
+        )
+        replies += tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=skip_special_tokens)
+    return replies
+
+
+class _DecidedCriteria:
+    """A generate() stopping criterion that marks a row done once its verdict cannot change."""
+
+    def __init__(self, tokenizer, prompt_length: int, decided: Callable[[str], bool], every: int = 4):
+        self.tokenizer = tokenizer
+        self.prompt_length = prompt_length
+        self.decided = decided
+        self.every = every
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        new = input_ids.shape[1] - self.prompt_length
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if new == 0 or new % self.every:
+            return done
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
+        for i, text in enumerate(texts):
+            done[i] = self.decided(text)
+        return done
+
+
+def common_prefix(responses: list[str]) -> str:
+    """Character-wise common prefix with trailing spaces removed (a space-led token would differ)."""
+    return commonprefix(responses).rstrip(" ")
+
+
+def detect_response_prefix(
+    generate: Callable[[str], list[str]], chain_of_thought_skips: list[tuple[str, str]]
+) -> str:
+    """Common prefix of the replies; a chain-of-thought opener becomes its empty closed block.
+
+    `generate(prefix)` returns the replies (special tokens kept) with `prefix` appended to prompts.
+    """
+    prefix = common_prefix(generate(""))
+    if not prefix:
+        return ""
+    for opener, closed in chain_of_thought_skips:
+        if prefix.startswith(opener):
+            return closed + common_prefix(generate(closed))
+    return prefix
