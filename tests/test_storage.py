@@ -1,0 +1,326 @@
+"""Run directory: atomic writes, round-trips (local and a real S3 server), journal sync, lock."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from heretic_dist import storage
+from heretic_dist.errors import UserError
+from heretic_dist.storage import (
+    RunDir,
+    RunLock,
+    load_directions,
+    manifest_diff,
+    manifest_hash,
+    save_directions,
+)
+REPO = Path(__file__).resolve().parents[1]
+S3_TEST_SECRET = "dummy-secret-Zq8vK3nT"  # the value the s3_server fixture puts in the env
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(params=["local", "s3"])
+def run(request: pytest.FixtureRequest, tmp_path: Path) -> RunDir:
+    if request.param == "local":
+        r = RunDir(str(tmp_path / "run"))
+    else:
+        bucket = request.getfixturevalue("s3_bucket")
+        r = RunDir(f"s3://{bucket}/runs/one")
+    r.check_access(write=True)
+    return r
+
+
+# ---- basics --------------------------------------------------------------------------------------
+
+
+def test_uri_forms(tmp_path: Path) -> None:
+    a = RunDir(str(tmp_path / "x"))
+    b = RunDir(f"file://{tmp_path}/x/")
+    assert a.is_local and b.is_local and a.local_path == b.local_path == tmp_path / "x"
+    assert a.uri == b.uri
+
+
+def test_bytes_json_exists_delete(run: RunDir) -> None:
+    assert not run.exists("manifest.json")
+    run.write_json("manifest.json", {"b": 1, "a": {"z": [1, 2], "y": "é"}})
+    assert run.exists("manifest.json")
+    assert run.read_json("manifest.json") == {"b": 1, "a": {"z": [1, 2], "y": "é"}}
+    text = run.read_bytes("manifest.json").decode()
+    assert text.index('"a"') < text.index('"b"') and '\n  "a"' in text  # sorted, indent 2
+    run.write_bytes("tune/sub/x.bin", b"\x00\x01")
+    assert run.read_bytes("tune/sub/x.bin") == b"\x00\x01"
+    run.delete("manifest.json")
+    run.delete("manifest.json")  # idempotent
+    assert not run.exists("manifest.json")
+    with pytest.raises(FileNotFoundError):
+        run.read_bytes("manifest.json")
+
+
+def test_parquet_round_trip(run: RunDir) -> None:
+    rows = [
+        {"number": 0, "params": {"direction_index": 3.5, "attn": {"max_weight": 1.2}}, "refusals": 4,
+         "kl": 0.25, "worker": "w0", "tags": ["a", "b"]},
+        {"number": 1, "params": {"direction_index": None}, "refusals": 2, "kl": 0.5, "worker": "w1",
+         "tags": []},
+        {"number": 2, "params": None, "refusals": None, "kl": float("inf"), "worker": None, "tags": None,
+         "extra": True},
+    ]
+    run.write_parquet("trials.parquet", rows)
+    back = run.read_parquet("trials.parquet")
+    expected = [dict(r) for r in rows]
+    for r in expected[:2]:
+        r["extra"] = None  # union of keys; missing ones come back as None
+    assert back == expected
+    run.write_parquet("pareto.parquet", [])
+    assert run.read_parquet("pareto.parquet") == []
+
+
+def test_atomic_write_keeps_old_file_on_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = RunDir(str(tmp_path / "run"))
+    run.write_json("manifest.json", {"v": "old"})
+
+    class Crash(BaseException):
+        pass
+
+    def crash(src, dst):  # the temp file is complete and fsynced; we die before the rename
+        assert Path(src).read_bytes().startswith(b"{")
+        raise Crash()
+
+    monkeypatch.setattr(storage.os, "replace", crash)
+    with pytest.raises(Crash):
+        run.write_json("manifest.json", {"v": "new"})
+    monkeypatch.undo()
+    assert run.read_json("manifest.json") == {"v": "old"}
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["manifest.json"]  # no temp left
+
+
+# ---- directions ---------------------------------------------------------------------------------
+
+
+def test_directions_round_trip_and_tamper(run: RunDir) -> None:
+    d = torch.randn(5, 16, dtype=torch.float32)
+    meta = {"model": "tiny", "layers": "5"}
+    h = save_directions(run, d, meta)
+    assert len(h) == 64 and run.read_bytes("directions.sha256").decode().split()[0] == h
+    t, m, h2 = load_directions(run)
+    assert torch.equal(t, d) and m == meta and h2 == h
+
+    data = bytearray(run.read_bytes("directions.safetensors"))
+    data[-1] ^= 0xFF
+    run.write_bytes("directions.safetensors", bytes(data))
+    with pytest.raises(UserError, match=r"directions\.safetensors in .* does not match its sha256") as e:
+        load_directions(run)
+    assert run.uri in str(e.value)
+
+    run.delete("directions.sha256")
+    with pytest.raises(UserError, match="directions.sha256 is missing"):
+        load_directions(run)
+
+
+# ---- manifest -----------------------------------------------------------------------------------
+
+
+def test_manifest_hash_stable_under_key_order() -> None:
+    a = {"model": {"id": "m", "revision": "r"}, "dtype": "bf16", "prompts": {"good": "h1", "bad": "h2"}}
+    b = {"prompts": {"bad": "h2", "good": "h1"}, "dtype": "bf16", "model": {"revision": "r", "id": "m"}}
+    assert manifest_hash(a) == manifest_hash(b)
+    assert len(manifest_hash(a)) == 16 and int(manifest_hash(a), 16) >= 0
+    assert manifest_hash(a) != manifest_hash({**a, "dtype": "fp32"})
+
+
+def test_manifest_diff_names_keys() -> None:
+    old = {"model": {"id": "m", "revision": "r"}, "dtype": "bf16", "n": 1, "gone": 1, "lst": [1, 2]}
+    new = {"model": {"id": "m", "revision": "r2"}, "dtype": "bf16", "n": 1, "added": {"x": 1}, "lst": [2, 1]}
+    assert manifest_diff(old, new) == ["added.x", "gone", "lst", "model.revision"]
+    assert manifest_diff(old, old) == []
+    assert manifest_diff({"a": {"b": 1}}, {"a": 1}) == ["a", "a.b"]
+
+
+# ---- journal on S3 -------------------------------------------------------------------------------
+
+
+def test_journal_push_pull_s3(s3_bucket: str, tmp_path: Path) -> None:
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    uri = f"s3://{s3_bucket}/runs/j"
+    a = RunDir(uri, cache_dir=tmp_path / "cache-a")
+    a.check_access(write=True)
+    assert a.pull_journal() is False
+    path = a.journal_path()
+    assert path.is_relative_to(tmp_path / "cache-a" / "journals") and path.name == "study.journal"
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    study = optuna.create_study(
+        study_name="s", directions=["minimize", "minimize"],
+        storage=JournalStorage(JournalFileBackend(str(path))),
+        sampler=optuna.samplers.RandomSampler(seed=0),
+    )
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1), t.suggest_int("k", 1, 5)), n_trials=4)
+    assert a.push_journal() is True
+    assert a.push_journal() is False  # unchanged: skipped
+    os.utime(path)  # touched, same bytes: hashed, not uploaded
+    assert a.push_journal() is False
+
+    b = RunDir(uri, cache_dir=tmp_path / "cache-b")
+    assert b.journal_path() != path
+    assert b.pull_journal() is True
+    loaded = optuna.load_study(study_name="s", storage=JournalStorage(JournalFileBackend(str(b.journal_path()))))
+    assert [(t.number, t.params, t.values, t.state) for t in loaded.trials] == [
+        (t.number, t.params, t.values, t.state) for t in study.trials
+    ]
+    assert len(loaded.trials) == 4
+
+    # b continues the study and pushes; a pulls and sees the remote truth (cache overwritten).
+    loaded.optimize(lambda t: (t.suggest_float("x", 0, 1), t.suggest_int("k", 1, 5)), n_trials=1)
+    assert b.push_journal() is True
+    assert a.pull_journal() is True
+    again = optuna.load_study(study_name="s", storage=JournalStorage(JournalFileBackend(str(path))))
+    assert len(again.trials) == 5
+
+
+def test_journal_local_is_the_file(tmp_path: Path) -> None:
+    r = RunDir(str(tmp_path / "run"))
+    assert r.journal_path() == tmp_path / "run" / "study.journal"
+    assert r.push_journal() is False and r.pull_journal() is False
+
+
+def test_stale_cache_removed_when_remote_has_no_journal(s3_bucket: str, tmp_path: Path) -> None:
+    r = RunDir(f"s3://{s3_bucket}/runs/fresh", cache_dir=tmp_path / "c")
+    r.journal_path().parent.mkdir(parents=True)
+    r.journal_path().write_text("stale\n")
+    assert r.pull_journal() is False
+    assert not r.journal_path().exists()
+
+
+def test_cache_dir_from_env(s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HERETIC_DIST_CACHE", str(tmp_path / "envcache"))
+    p = RunDir(f"s3://{s3_bucket}/x").journal_path()
+    assert p.is_relative_to(tmp_path / "envcache" / "journals") and p.name == "study.journal"
+    assert RunDir(f"s3://{s3_bucket}/x/").journal_path() == p
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+
+def _one_line_no_secret(e: pytest.ExceptionInfo[UserError]) -> str:
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == S3_TEST_SECRET
+    msg = str(e.value)
+    assert "\n" not in msg and S3_TEST_SECRET not in msg and "testing" not in msg
+    return msg
+
+
+def test_unreachable_endpoint(s3_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    r = RunDir("s3://some-bucket/run")
+    with pytest.raises(UserError) as e:
+        r.check_access(write=True)
+    assert "cannot reach" in _one_line_no_secret(e)
+    with pytest.raises(UserError) as e:
+        r.write_json("manifest.json", {"a": 1})
+    assert "cannot reach" in _one_line_no_secret(e)
+
+
+def test_missing_bucket(s3_server: str) -> None:
+    r = RunDir("s3://no-such-bucket-here/run")
+    with pytest.raises(UserError, match="does not exist") as e:
+        r.check_access()
+    _one_line_no_secret(e)
+    with pytest.raises(UserError, match="does not exist") as e:
+        r.check_access(write=True)
+    with pytest.raises(UserError) as e:
+        r.write_bytes("manifest.json", b"{}")
+    _one_line_no_secret(e)
+
+
+def test_unsupported_scheme() -> None:
+    with pytest.raises(UserError, match="unsupported run directory scheme 'foo://'"):
+        RunDir("foo://bucket/x")
+
+
+def test_error_messages_are_redacted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_TEST_SECRET)
+    exc = OSError(f"AWS Error ACCESS_DENIED during PutObject: key {S3_TEST_SECRET}\nmore")
+    msg = str(storage._storage_error(exc, "write", "x in s3://b/p", remote=True))
+    assert msg.startswith("permission denied to write x in s3://b/p") and S3_TEST_SECRET not in msg
+    other = str(storage._storage_error(OSError(f"odd {S3_TEST_SECRET} http://u:pw@h/\nline2"), "read",
+                                       "s3://b", remote=True))
+    assert S3_TEST_SECRET not in other and "pw" not in other and "\n" not in other
+
+
+# ---- lock ---------------------------------------------------------------------------------------
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from heretic_dist.storage import RunDir, RunLock
+    with RunLock(RunDir(sys.argv[1])):
+        print("locked", flush=True)
+        time.sleep(300)
+    """
+)
+
+
+def test_lock_excludes_second_holder_and_dies_with_it(tmp_path: Path) -> None:
+    uri = str(tmp_path / "run")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, uri], stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match=rf"another heretic-dist driver is running on .*pid {proc.pid}"):
+            with RunLock(RunDir(uri)):
+                pass
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        with RunLock(RunDir(uri)):  # released by the kernel: the same command can resume
+            with pytest.raises(UserError):
+                RunLock(RunDir(uri)).acquire()  # and it excludes others again
+        with RunLock(RunDir(uri)):  # released on exit
+            pass
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_object_store_lock_is_best_effort(s3_bucket: str, tmp_path: Path,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    uri = f"s3://{s3_bucket}/runs/l"
+    first = RunLock(RunDir(uri, cache_dir=tmp_path / "a")).acquire()
+    try:
+        assert first.warning is None and RunDir(uri).exists(".lock")
+        # Another machine (another cache): warned, not blocked.
+        with RunLock(RunDir(uri, cache_dir=tmp_path / "b")) as second:
+            assert second.warning and "best-effort" in second.warning
+        # Same machine, same cache: really excluded.
+        with pytest.raises(UserError, match="another heretic-dist driver"):
+            RunLock(RunDir(uri, cache_dir=tmp_path / "a")).acquire()
+    finally:
+        first.release()
+    with RunLock(RunDir(uri, cache_dir=tmp_path / "a")) as third:
+        assert third.warning is None  # owner file removed by the last holder
+
+
+def test_stale_object_store_lock_is_taken_silently(s3_bucket: str, tmp_path: Path) -> None:
+    r = RunDir(f"s3://{s3_bucket}/runs/s", cache_dir=tmp_path / "a")
+    r.write_json(".lock", {"host": "gone", "pid": 1, "time": time.time() - 3600, "token": "x"})
+    with RunLock(r) as lock:
+        assert lock.warning is None
