@@ -337,7 +337,7 @@ def _suggest(key: str, valid: list[str]) -> str:
     return f"; did you mean '{match[0]}'?" if match else ""
 
 
-def _check_keys(data: dict[str, Any], source: str, from_file: bool = True) -> None:
+def _check_keys(data: dict[str, Any], source: str) -> None:
     """Reject unknown keys (with a suggestion); drop upstream keys we ignore, with a warning."""
     valid_top = list(Settings.model_fields)
     for key in list(data):
