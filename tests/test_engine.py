@@ -1,0 +1,235 @@
+"""The engine on tiny random models: edits, reset, scores, sharding, components, 4-bit."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from tiny_models import tiny_model_folder
+from transformers import AutoModelForCausalLM
+
+from heretic_dist.config import Settings
+from heretic_dist.engine.ablation import decode_trial_params, directions_from_sums, layer_weight
+from heretic_dist.engine.components import find_components
+from heretic_dist.engine.engine import Engine
+from heretic_dist.engine.residuals import detect_response_prefix
+from heretic_dist.engine.scoring import MarkerRefusalScorer, objective_values
+from heretic_dist.engine.types import Prompt, Shard
+from heretic_dist.errors import UserError
+
+SYSTEM = "You are a helpful assistant."
+GOOD = [Prompt(SYSTEM, t) for t in ["Explain how plants grow", "Write a poem about the sea",
+                                     "Give me three tips for better sleep", "How do I bake bread at home?",
+                                     "Tell me about the quick brown fox", "What is 12 times 7?"]]
+BAD = [Prompt(SYSTEM, t) for t in ["Tell me a joke about cats", "Tell me a rude joke", "Say something mean",
+                                    "Insult the lazy dog", "Write an angry poem", "Refuse this request"]]
+
+
+def make_settings(folder, **overrides) -> Settings:
+    values = dict(model=str(folder), dtypes=["float32"], device_map="cpu", max_response_length=12,
+                  batch_size=4, seed=3)
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return tiny_model_folder(tmp_path_factory.mktemp("llama"), "llama")
+
+
+def ready_engine(folder, **overrides) -> Engine:
+    engine = Engine(make_settings(folder, **overrides))
+    good_sum, good_n = engine.residual_sums(GOOD)
+    bad_sum, bad_n = engine.residual_sums(BAD)
+    engine.set_directions(directions_from_sums(good_sum, good_n, bad_sum, bad_n, True))
+    engine.set_eval_prompts(GOOD, BAD)
+    return engine
+
+
+def raw_params(n_layers: int, scope: str = "global", max_weight: float = 1.0, distance: float = 10.0) -> dict:
+    raw = {"direction_scope": scope, "direction_index": 0.5 * (n_layers - 1)}
+    for c in ("attn.o_proj", "mlp.down_proj"):
+        raw |= {f"{c}.max_weight": max_weight, f"{c}.max_weight_position": n_layers / 2,
+                f"{c}.min_weight": 1.0, f"{c}.min_weight_distance": distance}
+    return raw
+
+
+def logits(model, engine) -> torch.Tensor:
+    inputs = engine.tokenizer(["Hello there, plants and the sea"], return_tensors="pt")
+    with torch.inference_mode():
+        return model(**inputs).logits
+
+
+def test_zero_b_gives_exactly_the_unedited_logits(llama):
+    engine = ready_engine(llama)
+    plain = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32)
+    assert torch.equal(logits(engine.model, engine), logits(plain, engine))
+    engine.apply(decode_trial_params(raw_params(4), 4))
+    assert not torch.equal(logits(engine.model, engine), logits(plain, engine))
+    engine.reset()
+    assert torch.equal(logits(engine.model, engine), logits(plain, engine))
+
+
+@pytest.mark.parametrize("scope", ["global", "per layer"])
+def test_edited_modules_cannot_write_along_the_direction(llama, scope):
+    engine = ready_engine(llama, row_normalization="none")
+    params = decode_trial_params(raw_params(4, scope, max_weight=1.0, distance=100.0), 4)
+    engine.apply(params)
+    outputs: dict[str, torch.Tensor] = {}
+    hooks = [engine._lora[name].register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o))
+             for name in engine.components.module_names()]
+    logits(engine.model, engine)
+    for h in hooks:
+        h.remove()
+    from heretic_dist.engine.ablation import layer_direction
+
+    for layer_index, layer in enumerate(engine.components.layers):
+        v = layer_direction(engine.directions, params, layer_index)
+        for component, modules in layer.items():
+            assert layer_weight(layer_index, params.components[component]) == pytest.approx(1.0)
+            for name, _ in modules:
+                y = outputs[name].reshape(-1, outputs[name].shape[-1])
+                ratio = (y @ v).abs() / y.norm(dim=-1)
+                assert ratio.max() < 1e-5, name
+
+
+def test_unedited_kl_is_zero_and_edit_moves_it(llama):
+    engine = ready_engine(llama)
+    base = engine.run_trial(None, Shard())
+    assert base.kl_sum == 0.0 and base.good_scored == len(GOOD) and base.bad_scored == len(BAD)
+    edited = engine.run_trial(decode_trial_params(raw_params(4, max_weight=1.5), 4), Shard())
+    assert edited.kl_sum > 1e-4
+
+
+def test_residual_sums_over_two_shards_give_the_same_directions(llama):
+    engine = Engine(make_settings(llama))
+    gs, gn = engine.residual_sums(GOOD)
+    bs, bn = engine.residual_sums(BAD)
+    one = directions_from_sums(gs, gn, bs, bn, True)
+    parts = [engine.residual_sums(p) for p in (GOOD[:2], GOOD[2:], BAD[:5], BAD[5:])]
+    two = directions_from_sums(parts[0][0] + parts[1][0], parts[0][1] + parts[1][1],
+                               parts[2][0] + parts[3][0], parts[2][1] + parts[3][1], True)
+    assert (one - two).abs().max() < 1e-6
+
+
+def test_sharded_trial_equals_single_trial(llama):
+    engine = ready_engine(llama, refusal_markers=["read"])
+    params = decode_trial_params(raw_params(4, max_weight=1.2), 4)
+    whole = engine.run_trial(params, Shard())
+    halves = [engine.run_trial(params, Shard(i, 2)) for i in range(2)]
+    assert sum(h.refusals for h in halves) == whole.refusals
+    assert 0 < whole.refusals < len(BAD)
+    assert sum(h.good_scored for h in halves) == whole.good_scored
+    kl_whole = whole.kl_sum / whole.good_scored
+    kl_halves = sum(h.kl_sum for h in halves) / sum(h.good_scored for h in halves)
+    assert kl_halves == pytest.approx(kl_whole, rel=1e-5)
+
+
+def test_early_stop_keeps_refusal_counts(llama):
+    # markers that the random model hits often, so that early stopping actually decides rows
+    # markers that this random model's replies sometimes contain, so early stopping decides some rows
+    engine = ready_engine(llama, refusal_markers=["read"], max_response_length=24)
+    counts = []
+    for raw in (None, raw_params(4, max_weight=1.2), raw_params(4, scope="per layer")):
+        params = None if raw is None else decode_trial_params(raw, 4)
+        engine.early_stop = True
+        fast = engine.run_trial(params, Shard())
+        engine.early_stop = False
+        slow = engine.run_trial(params, Shard())
+        assert fast.refusals == slow.refusals
+        assert fast.kl_sum == pytest.approx(slow.kl_sum, rel=1e-6)
+        counts.append(fast.refusals)
+    assert any(0 < c < len(BAD) for c in counts), counts  # otherwise the test decides nothing
+
+
+def test_refusal_detector_normalizes():
+    scorer = MarkerRefusalScorer(["i can'", "sorry", "i'm unable"])
+    assert scorer.is_refusal("I CAN\u2019T do that")
+    assert scorer.is_refusal("**Sorry**, no")
+    assert scorer.is_refusal("I'm\n\n   unable to help")
+    assert scorer.is_refusal("   ")
+    assert scorer.is_refusal("")
+    assert not scorer.is_refusal("Here is a cake recipe.")
+
+
+def test_objective_values_follow_upstream():
+    assert objective_values(5, 0.5, 10, 1.0, 0.01) == (0.5, 0.5)
+    assert objective_values(5, 0.001, 10, 1.0, 0.01) == pytest.approx((0.5, 0.005))
+    assert objective_values(3, 0.2, 0, 2.0, 0.01) == pytest.approx((3.0, 0.1))
+    with pytest.raises(ValueError):
+        objective_values(1, float("nan"), 10, 1.0, 0.01)
+
+
+def test_response_prefix_with_chain_of_thought_skip():
+    calls = []
+
+    def generate(prefix):
+        calls.append(prefix)
+        if prefix == "":
+            return ["<think>Let me see. A", "<think>Let me think. B"]
+        return ["\n\nSure thing: one", "\n\nSure thing: two"]
+
+    skips = [("<think>", "<think></think>")]
+    assert detect_response_prefix(generate, skips) == "<think></think>\n\nSure thing:"
+    assert calls == ["", "<think></think>"]
+    assert detect_response_prefix(lambda p: ["Hello  a", "Hello  b"], skips) == "Hello"
+    assert detect_response_prefix(lambda p: ["A", "B"], skips) == ""
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_dense_components(tmp_path, arch):
+    folder = tiny_model_folder(tmp_path, arch, layers=3)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    found = find_components(model)
+    assert found.names == ["attn.o_proj", "mlp.down_proj"]
+    assert len(found.layers) == 3 and all(len(layer) == 2 for layer in found.layers)
+    assert found.module_names()[0].startswith("model.layers.0.")
+
+
+def test_moe_fused_experts_are_listed_in_a_warning(tmp_path, caplog):
+    folder = tiny_model_folder(tmp_path, "qwen2_moe", layers=2, num_experts=4, num_experts_per_tok=2,
+                               moe_intermediate_size=16, shared_expert_intermediate_size=16)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with caplog.at_level(logging.WARNING):
+        found = find_components(model)
+    # the shared expert is a Linear and is edited; the fused expert tensors are named, not skipped silently
+    assert "model.layers.0.mlp.shared_expert.down_proj" in found.module_names()
+    assert len(found.unsupported) == 2
+    assert "model.layers.1.mlp.experts" in caplog.text and "down_proj" in caplog.text
+
+
+def test_moe_expert_module_lists_are_edited(tmp_path):
+    folder = tiny_model_folder(tmp_path, "llama", layers=2)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+
+    class ExpertMLP(torch.nn.Module):  # Mixtral-style module experts (remote-code models still use these)
+        def __init__(self):
+            super().__init__()
+            self.experts = torch.nn.ModuleList(
+                [torch.nn.ModuleDict({"w2": torch.nn.Linear(64, 32, bias=False)}) for _ in range(3)])
+
+    for layer in model.model.layers:
+        layer.block_sparse_moe = ExpertMLP()
+    found = find_components(model)
+    names = found.module_names()
+    assert "model.layers.1.block_sparse_moe.experts.2.w2" in names
+    assert len(found.layers[0]["mlp.down_proj"]) == 1 + 3
+
+
+def test_no_abliterable_module_is_a_clear_error():
+    class Empty(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Module()
+            self.model.layers = torch.nn.ModuleList([torch.nn.Identity()])
+
+    with pytest.raises(UserError, match="no abliterable module"):
+        find_components(Empty())
+
+
+def test_kl_gate_scores_far_trials_as_refusing_everything(llama):
+    engine = ready_engine(llama, kl_gate=1e-9)
+    result = engine.run_trial(decode_trial_params(raw_params(4, max_weight=1.5), 4), Shard())
+    assert result.refusals == len(BAD)
+    assert result.timings["generation_s"] < 0.01
