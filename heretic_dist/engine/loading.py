@@ -95,7 +95,7 @@ def resolve_source(model: str) -> str:
             raise UserError(f"model folder {model} has no config.json; is it a Hugging Face model folder?")
         return str(path)
     if model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", "", 1):
-        raise UserError(f"model path {model} does not exist")
+        raise UserError(f"model path {model} does not exist; give a local model folder, a .gguf file or a Hugging Face id")
     return model  # a hub id; a missing or unreachable one fails in load_model with a clear message
 
 
