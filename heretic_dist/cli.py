@@ -118,6 +118,105 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- run / status / export -------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .dist.driver import RunOptions, run
+    from .dist.results import pareto_table
+
+    cluster = {"cluster.address": args.address, "cluster.workers": args.workers,
+               "cluster.cpus_per_worker": args.cpus_per_worker, "cluster.gpus_per_worker": args.gpus_per_worker,
+               "cluster.shards_per_trial": args.shards_per_trial, "n_trials": args.n_trials}
+    settings = _settings(args, cluster)
+    run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
+    outcome = run(settings, RunOptions(run_dir=run_dir, new_run=args.new_run,
+                                       progress=lambda line: print(line, flush=True)))
+    print()
+    print(pareto_table(outcome.pareto, outcome.info["base_refusals"], outcome.info["n_bad"]))
+    print()
+    print(f"{outcome.complete} complete, {outcome.failed} failed trials in the study; "
+          f"{outcome.loads_total} model loads ({outcome.replacements} replacements); {outcome.seconds:.0f} s")
+    if outcome.pareto:
+        print(f"export one: heretic-dist export {run_dir} --trial {outcome.pareto[0]['number']} --out DIR")
+    return 0
+
+
+def _open_run(run_uri: str):
+    from . import storage as st
+    from .dist.search import open_storage
+
+    run = st.RunDir(run_uri)
+    run.check_access()
+    if not run.exists(st.MANIFEST):
+        raise UserError(f"{run_uri} is not a heretic-dist run directory (no {st.MANIFEST})")
+    manifest = run.read_json(st.MANIFEST)
+    run.pull_journal()
+    if not run.journal_path().exists():
+        raise UserError(f"{run_uri} has no study yet; start it with heretic-dist run")
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=manifest["run_id"], storage=open_storage(str(run.journal_path())))
+    return run, manifest, study
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .dist.results import pareto_rows, pareto_table, trial_rows
+
+    run, manifest, study = _open_run(args.run_dir)
+    rows = trial_rows(study, manifest.get("n_bad_prompts", 0))
+    counts = {state: sum(r["state"] == state for r in rows) for state in ("COMPLETE", "RUNNING", "FAIL")}
+    n_trials = manifest["settings"].get("n_trials") or (run.read_json("run_info.json").get("n_trials")
+                                                        if run.exists("run_info.json") else None)
+    print(f"run {manifest['run_id']}: model {manifest['model'].get('model', manifest['model'])}")
+    print(f"trials: {counts['COMPLETE']} complete" + (f" of {n_trials}" if n_trials else "")
+          + f", {counts['RUNNING']} running, {counts['FAIL']} failed")
+    durations = [r["duration_s"] for r in rows if r["state"] == "COMPLETE" and r["duration_s"]]
+    if durations:
+        print(f"mean trial time: {sum(durations) / len(durations):.1f} s (per worker group)")
+    print(pareto_table(pareto_rows(rows), manifest.get("base_refusals", "?"), manifest.get("n_bad_prompts", "?")))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import storage as st
+    from .config import Settings
+    from .engine.ablation import decode_trial_params
+    from .engine.engine import Engine
+    from .export import export_trial
+
+    run, manifest, study = _open_run(args.run_dir)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    trial = trials.get(args.trial)
+    if trial is None or trial.state.name != "COMPLETE":
+        done = sorted(n for n, t in trials.items() if t.state.name == "COMPLETE")
+        raise UserError(f"trial {args.trial} is not a complete trial of {args.run_dir}; "
+                        f"complete trials: {', '.join(map(str, done[:30]))}{' ...' if len(done) > 30 else ''}")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UserError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    settings = Settings(**manifest["settings"]).model_copy(
+        update={"response_prefix": manifest["response_prefix"], "device_map": args.device_map})
+    params = decode_trial_params(trial.params, manifest["n_layers"], settings.allow_mlp_off)
+    engine = Engine(settings)
+    engine.set_response_prefix(manifest["response_prefix"])
+    directions, _, _ = st.load_directions(run)
+    engine.set_directions(directions)
+    record = {"number": trial.number, "params": trial.params, "decoded": params.to_dict(),
+              "refusals": trial.user_attrs.get("refusals"), "n_bad_prompts": manifest.get("n_bad_prompts"),
+              "base_refusals": manifest.get("base_refusals"), "kl": trial.user_attrs.get("kl"),
+              "run_id": manifest["run_id"], "model": manifest["model"]}
+    result = export_trial(engine, params, record, out, adapter=args.adapter, overwrite=args.overwrite)
+    print(f"exported trial {trial.number} as a {result.kind} to {result.path} "
+          f"(reloaded; max logit difference {result.max_abs_logit_diff:.1e})")
+    return 0
+
+
 # --- entry point ------------------------------------------------------------------------------
 
 
@@ -147,6 +246,28 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("--model", help="another model (id, folder, .gguf) to score against the configured one")
 
+    p = add("run", cmd_run, "run or resume the distributed search")
+    with_config(p)
+    p.add_argument("--run-dir", help="run directory: a path, file://, s3:// or gs:// (default runs/CONFIG-NAME)")
+    p.add_argument("--address", help="join this Ray cluster ('auto' for the local one); default: start one")
+    p.add_argument("--workers", type=int, help="model workers (each loads the model once)")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs per worker")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (fractions share a GPU)")
+    p.add_argument("--shards-per-trial", type=int, help="workers per trial (prompt sharding)")
+    p.add_argument("--n-trials", type=int, help="complete trials the study should reach")
+    p.add_argument("--new-run", action="store_true",
+                   help="the run directory holds a run with other settings: archive it and start fresh")
+
+    p = add("status", cmd_status, "progress and Pareto front of a running or finished run")
+    p.add_argument("run_dir", help="run directory")
+
+    p = add("export", cmd_export, "save a trial as a merged model or a PEFT adapter")
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument("--trial", type=int, required=True, help="trial number (see status)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--adapter", action="store_true", help="save a PEFT adapter instead of a merged model")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--device-map", default="cpu", help="where to rebuild the model (default cpu)")
     return parser
 
 

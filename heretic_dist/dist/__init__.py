@@ -1,0 +1,1 @@
+"""Ray side of heretic-dist. Nothing in this package touches model internals."""
