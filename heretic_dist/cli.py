@@ -217,6 +217,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_batch_report, write_report
+
+    if args.batch:
+        path = write_batch_report(args.run_dir, args.out)
+    else:
+        path = write_report(args.run_dir, args.out, trial=args.trial)
+    print(f"report: {path}")
+    return 0
+
+
 # --- entry point ------------------------------------------------------------------------------
 
 
@@ -268,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="store_true", help="save a PEFT adapter instead of a merged model")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--device-map", default="cpu", help="where to rebuild the model (default cpu)")
+
+    p = add("report", cmd_report, "write report.html (Pareto front, history, kernel) and PNGs")
+    p.add_argument("run_dir", help="run directory (or batch directory with --batch)")
+    p.add_argument("--out", help="folder or .html path (default: inside the run directory)")
+    p.add_argument("--trial", type=int, help="trial whose layer kernel is drawn (default: a Pareto trial)")
+    p.add_argument("--batch", action="store_true", help="RUN_DIR is a batch directory")
     return parser
 
 
