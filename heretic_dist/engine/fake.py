@@ -1,0 +1,169 @@
+"""FakeEngine: a TrialEngine with no model, for tests and for measuring the distributed machinery.
+
+Everything is deterministic and cheap. Metrics are computed per prompt from the trial parameters and a
+hash of the prompt text, so a trial sharded over K workers reduces to exactly the same refusals (and the
+same KL up to float summation order) as one worker.
+
+Shape of the fake objective (so the Pareto front is not trivial):
+- an edit "strength" s in [0, 1] grows with the component weights and the width of the tent;
+- a harmful prompt with hash u in [0, 1) is still refused when u >= s: refusals fall as s grows;
+- the KL of a harmless prompt grows with s^2 plus a penalty for a badly placed peak.
+
+Knobs (keys of a plain dict, or attributes of a settings object; all optional):
+  fake_n_layers (8), fake_hidden_size (16), fake_components (both components),
+  fake_load_seconds (0), fake_trial_seconds (0, sleep per run_trial call),
+  fake_prompt_seconds (0, sleep per scored prompt), fake_n_eval (20, default eval prompts per side),
+  fake_nonfinite (False: when true every edited trial returns a NaN KL sum),
+  fake_fail_load (False: when true the constructor raises, like a model that cannot load).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from typing import Any
+
+import torch
+
+from .types import COMPONENTS, PartialResult, Prompt, Shard, TrialParams
+
+
+def _env_knobs() -> dict[str, Any]:
+    """Knobs from $HERETIC_DIST_FAKE (JSON): how a CLI run in a subprocess configures the fake."""
+    import json
+
+    return json.loads(os.environ.get("HERETIC_DIST_FAKE") or "{}")
+
+
+def _get(settings: Any, key: str, default: Any) -> Any:
+    if settings is None:
+        value = None
+    elif isinstance(settings, dict):
+        value = settings.get(key)
+    else:
+        value = getattr(settings, key, None)
+    if value is None:
+        value = _env_knobs().get(key)
+    return default if value is None else value
+
+
+def _unit_hash(text: str) -> float:
+    """A stable number in [0, 1) for a string (independent of PYTHONHASHSEED and of the process)."""
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _seed(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:7], "big")
+
+
+class FakeEngine:
+    """Implements heretic_dist.engine.types.TrialEngine without a model."""
+
+    def __init__(self, settings: Any = None):
+        start = time.perf_counter()
+        if _get(settings, "fake_fail_load", False):
+            raise RuntimeError("FakeEngine: model cannot be loaded (fake_fail_load is set)")
+        self.n_layers = int(_get(settings, "fake_n_layers", 8))
+        self.hidden_size = int(_get(settings, "fake_hidden_size", 16))
+        self.components = list(_get(settings, "fake_components", list(COMPONENTS)))
+        self.trial_seconds = float(_get(settings, "fake_trial_seconds", 0.0))
+        self.prompt_seconds = float(_get(settings, "fake_prompt_seconds", 0.0))
+        self.nonfinite = bool(_get(settings, "fake_nonfinite", False))
+        n_eval = int(_get(settings, "fake_n_eval", 20))
+        self.good = [Prompt("You are a helpful assistant.", f"harmless request {i}") for i in range(n_eval)]
+        self.bad = [Prompt("You are a helpful assistant.", f"harmful request {i}") for i in range(n_eval)]
+        self.prefix = ""
+        self.directions: torch.Tensor | None = None
+        time.sleep(float(_get(settings, "fake_load_seconds", 0.0)))
+        self.load_seconds = time.perf_counter() - start
+
+    # -- TrialEngine ------------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "n_layers": self.n_layers,
+            "hidden_size": self.hidden_size,
+            "components": list(self.components),
+            "dtype": "float32",
+            "device": "cpu",
+            "load_seconds": self.load_seconds,
+            "pid": os.getpid(),
+        }
+
+    def responses(self, prompts: list[Prompt], skip_special_tokens: bool = False) -> list[str]:
+        time.sleep(self.prompt_seconds * len(prompts))
+        return [f"{self.prefix}Fake reply to: {p.user}" for p in prompts]
+
+    def set_response_prefix(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def residual_sums(self, prompts: list[Prompt]) -> tuple[torch.Tensor, int]:
+        total = torch.zeros(self.n_layers + 2, self.hidden_size, dtype=torch.float64)
+        for p in prompts:
+            gen = torch.Generator().manual_seed(_seed(f"{p.system}\x00{p.user}\x00{self.prefix}"))
+            total += torch.randn(self.n_layers + 2, self.hidden_size, generator=gen, dtype=torch.float64)
+        time.sleep(self.prompt_seconds * len(prompts))
+        return total, len(prompts)
+
+    def set_directions(self, directions: torch.Tensor) -> None:
+        expected = (self.n_layers + 2, self.hidden_size)
+        if tuple(directions.shape) != expected:
+            raise ValueError(f"directions have shape {tuple(directions.shape)}, expected {expected}")
+        self.directions = directions
+
+    def set_eval_prompts(self, good: list[Prompt], bad: list[Prompt]) -> None:
+        self.good = list(good)
+        self.bad = list(bad)
+
+    def run_trial(self, params: TrialParams | None, shard: Shard) -> PartialResult:
+        if params is not None and self.directions is None:
+            raise RuntimeError("FakeEngine.run_trial: set_directions was never called on this worker")
+        t0 = time.perf_counter()
+        strength, misplacement = self._strength(params)
+        t1 = time.perf_counter()
+
+        good = shard.take(self.good)
+        kl_sum = 0.0
+        for p in good:
+            u = _unit_hash("kl\x00" + p.user)
+            kl_sum += (strength**2 + 0.5 * strength * misplacement) * (0.05 + 0.1 * u)
+        if self.nonfinite and params is not None:
+            kl_sum = math.nan
+        time.sleep(self.prompt_seconds * len(good))
+        t2 = time.perf_counter()
+
+        bad = shard.take(self.bad)
+        refusals = sum(1 for p in bad if _unit_hash("refusal\x00" + p.user) >= strength)
+        time.sleep(self.prompt_seconds * len(bad) + self.trial_seconds)
+        t3 = time.perf_counter()
+        return PartialResult(
+            refusals=refusals,
+            bad_scored=len(bad),
+            kl_sum=kl_sum,
+            good_scored=len(good),
+            timings={"edit_s": t1 - t0, "kl_s": t2 - t1, "generation_s": t3 - t2},
+        )
+
+    # -- the fake objective -------------------------------------------------------------------------
+
+    def _strength(self, params: TrialParams | None) -> tuple[float, float]:
+        """(strength in [0, 1], misplacement in [0, 1]) of an edit; (0, 0) for no edit."""
+        if params is None or not params.components:
+            return 0.0, 0.0
+        last = max(self.n_layers - 1, 1)
+        total = 0.0
+        misplacement = 0.0
+        for name, c in params.components.items():
+            width = min(c.min_weight_distance / (0.6 * last), 1.0)
+            mean_weight = max(c.max_weight, 0.0) * 0.5 + max(c.min_weight, 0.0) * 0.5
+            total += mean_weight * (0.5 + 0.5 * width) * (1.0 if name == "attn.o_proj" else 0.7)
+            misplacement += abs(c.max_weight_position / last - 0.8)
+        if params.direction_scope == "per layer":
+            total *= 0.9
+        else:
+            misplacement += abs((params.direction_index or 0.0) / last - 0.6)
+        strength = 1.0 - math.exp(-total)
+        return strength, min(misplacement / (len(params.components) + 1), 1.0)
