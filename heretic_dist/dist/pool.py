@@ -1,0 +1,639 @@
+"""WorkerPool: N ModelWorker actors, leased to trials, replaced when they die.
+
+Who holds what:
+- `WorkerBroker` (an async Ray actor, 0 CPUs, pinned to the driver's node) creates and owns the
+  ModelWorker actors. It keeps the free list, the setup log (response prefix, directions ObjectRef,
+  evaluation prompts: every `broadcast` call, in order) and the counters (loads, replacements).
+  A replacement worker replays the setup log before it is put on the free list, so it serves exactly
+  like the worker it replaces.
+- `WorkerPool` (plain Python) is a client of the broker. The driver creates it (which creates the
+  broker and waits until every worker has loaded its model); Tune trial functions, which run in other
+  processes, re-attach to the same broker by name (`WorkerPool.attach`, or simply unpickle a pool).
+- Work goes straight from the caller to the leased workers (`run_sharded`): the broker only hands out
+  handles, so it never sits on the data path.
+
+Death and retry: a call that fails with a lost-worker error (actor died or unreachable, node died,
+object owner died) is reported to the broker, which checks the worker (a health ping), drops and kills
+it if it does not answer, and starts a replacement. The caller takes the next free worker from the
+broker and runs the same shard again. A shard is tried at most `max_attempts` times.
+Errors raised by the engine itself (RayTaskError) are not retried: they are the trial's result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import (
+    GetTimeoutError,
+    NodeDiedError,
+    ObjectLostError,
+    RayActorError,
+    RayTaskError,
+    WorkerCrashedError,
+)
+
+from heretic_dist.errors import UserError
+
+from .worker import ModelWorker, settings_payload
+
+log = logging.getLogger(__name__)
+
+# Errors that mean "the worker (or its node, or the owner of an argument) is gone", not "the engine
+# raised". ActorDiedError, ActorUnavailableError (RayActorError) and OwnerDiedError (ObjectLostError)
+# are subclasses of these.
+LOST_WORKER_ERRORS: tuple[type[BaseException], ...] = (
+    RayActorError,
+    ObjectLostError,
+    WorkerCrashedError,
+    NodeDiedError,
+)
+
+
+class PoolError(RuntimeError):
+    """The pool cannot serve a request (no workers left, a lease timed out, too many losses)."""
+
+
+class WorkerStartError(UserError):
+    """Model workers could not be started (the model does not load, or resources are missing)."""
+
+
+def quiet_ray_env() -> None:
+    """Keep Ray and Tune quiet. Call in the driver before ray.init().
+
+    - The token-authentication notice that every local ray.init() prints ("Token authentication is
+      enabled ... Set RAY_AUTH_MODE=disabled to opt out"): silenced through its logger. Setting
+      RAY_AUTH_MODE here would not work: Ray reads it when `ray` is imported, and a value set later
+      makes the new GCS expect a token that the already-configured client does not send.
+    - Tune: no per-trial CSV/JSON/TensorBoard logger files (the study is our record), and the classic
+      output path (RAY_AIR_NEW_OUTPUT=0), which prints nothing at verbose=0; the new one prints a boxed
+      "Configuration for experiment" table even when silent. Without the logger files Tune's result
+      grid warns that it cannot fetch metrics: that logger is quieted too.
+    """
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
+@dataclass(frozen=True)
+class WorkerRef:
+    """A leased worker: its stable id (w0, w1, ...; replacements get new ids) and its actor handle."""
+
+    worker_id: str
+    actor: Any = field(compare=False, repr=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# The broker actor
+# --------------------------------------------------------------------------------------------------
+
+
+class WorkerBroker:
+    """Async actor. All methods run on one event loop, so plain Python state needs no locks."""
+
+    def __init__(
+        self,
+        engine_factory: str,
+        settings: Any,
+        n_workers: int,
+        worker_options: dict[str, Any],
+        health_timeout_s: float = 30.0,
+    ):
+        self.engine_factory = engine_factory
+        self.settings = settings
+        self.n_workers = n_workers
+        self.worker_options = worker_options
+        self.health_timeout_s = health_timeout_s
+        self.remote_cls = ray.remote(ModelWorker).options(**worker_options)
+        self.ids = itertools.count()
+        self.workers: dict[str, Any] = {}  # alive (or believed alive) workers
+        self.free: list[str] = []
+        self.setup_log: list[tuple[str, tuple]] = []
+        self.loads: dict[str, int] = {}  # every worker ever started, dead ones included
+        self.load_seconds: dict[str, float] = {}
+        self.hosts: dict[str, str] = {}
+        self.replacements = 0
+        self.starting = 0  # replacements being started
+        self.lost: list[dict[str, Any]] = []
+        self.replacement_errors: list[str] = []
+        self.cond = asyncio.Condition()
+        self.closed = False
+
+    # -- starting workers ---------------------------------------------------------------------------
+
+    async def _spawn(self) -> tuple[str, Any]:
+        """Start one worker, wait for its model load, replay the setup log. Raises PoolError on failure."""
+        worker_id = f"w{next(self.ids)}"
+        actor = self.remote_cls.remote(self.engine_factory, self.settings, worker_id)
+        try:
+            health = await actor.health.remote()
+        except Exception as exc:  # the actor died while loading (e.g. out of memory)
+            ray.kill(actor)
+            raise PoolError(f"worker {worker_id} died while loading: {_short(exc)}") from None
+        if health.get("error"):
+            ray.kill(actor)
+            raise PoolError(f"worker {worker_id} on {health.get('host')}: {health['error']}")
+        self.loads[worker_id] = int(health["loads"])
+        self.load_seconds[worker_id] = float(health["load_seconds"])
+        self.hosts[worker_id] = str(health["host"])
+        i = 0
+        while i < len(self.setup_log):  # the log may grow while we replay it
+            method, args = self.setup_log[i]
+            await getattr(actor, method).remote(*args)
+            i += 1
+        return worker_id, actor
+
+    async def start(self) -> list[dict[str, Any]]:
+        results = await asyncio.gather(*(self._spawn() for _ in range(self.n_workers)), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for r in results:
+            if not isinstance(r, BaseException):
+                self.workers[r[0]] = r[1]
+        if errors:
+            for actor in self.workers.values():
+                ray.kill(actor)
+            self.workers.clear()
+            raise PoolError(str(errors[0]))
+        self.free = list(self.workers)
+        return await self.health()
+
+    async def _replace(self) -> None:
+        try:
+            worker_id, actor = await self._spawn()
+        except Exception as exc:
+            self.replacement_errors.append(_short(exc))
+            log.warning("replacement worker failed to start: %s", _short(exc))
+            async with self.cond:
+                self.starting -= 1
+                self.cond.notify_all()
+            return
+        async with self.cond:
+            self.starting -= 1
+            self.replacements += 1
+            if self.closed:
+                ray.kill(actor)
+                return
+            self.workers[worker_id] = actor
+            self.free.append(worker_id)
+            self.cond.notify_all()
+
+    # -- leasing --------------------------------------------------------------------------------------
+
+    async def acquire(self, k: int, timeout_s: float | None = None) -> list[WorkerRef]:
+        """Wait until k workers are free; take them all at once (so partial leases cannot deadlock)."""
+
+        def ready() -> bool:
+            if self.closed:
+                return True
+            if k > len(self.workers) + self.starting:
+                return True  # cannot ever be served: raise below
+            return len(self.free) >= k
+
+        async with self.cond:
+            try:
+                await asyncio.wait_for(self.cond.wait_for(ready), timeout_s)
+            except asyncio.TimeoutError:
+                raise PoolError(f"no {k} free workers within {timeout_s:.0f} s") from None
+            if self.closed:
+                raise PoolError("the worker pool is shut down")
+            if k > len(self.workers) + self.starting:
+                detail = f"; last start error: {self.replacement_errors[-1]}" if self.replacement_errors else ""
+                raise PoolError(
+                    f"a lease of {k} workers cannot be served: {len(self.workers)} workers are alive{detail}"
+                )
+            taken, self.free = self.free[:k], self.free[k:]
+            return [WorkerRef(w, self.workers[w]) for w in taken]
+
+    async def release(self, worker_ids: list[str]) -> None:
+        async with self.cond:
+            for w in worker_ids:
+                if w in self.workers and w not in self.free:
+                    self.free.append(w)
+            self.cond.notify_all()
+
+    async def report_lost(self, worker_id: str, reason: str = "") -> bool:
+        """A caller saw a lost-worker error. Returns True if the worker was dropped and is being replaced.
+
+        The worker is pinged first: an ActorUnavailableError can be transient, and a worker that still
+        answers goes back to the free list instead of being replaced.
+        """
+        actor = self.workers.get(worker_id)
+        if actor is None:
+            return True  # already handled (reported by another caller)
+        try:
+            await asyncio.wait_for(actor.health.remote(), self.health_timeout_s)
+            alive = True
+        except Exception:
+            alive = False
+        async with self.cond:
+            if worker_id not in self.workers:
+                return True
+            if alive:
+                if worker_id not in self.free:
+                    self.free.append(worker_id)
+                self.cond.notify_all()
+                return False
+            del self.workers[worker_id]
+            if worker_id in self.free:
+                self.free.remove(worker_id)
+            self.lost.append({"worker_id": worker_id, "host": self.hosts.get(worker_id, ""), "reason": reason})
+            self.starting += 1
+        with contextlib.suppress(Exception):
+            ray.kill(actor)
+        asyncio.get_running_loop().create_task(self._replace())
+        return True
+
+    # -- setup and introspection --------------------------------------------------------------------
+
+    async def broadcast(self, method: str, args: tuple) -> list[Any]:
+        """Call `method(*args)` on every worker while none is leased; log it for replacements."""
+        async with self.cond:
+            await self.cond.wait_for(lambda: self.closed or (self.starting == 0 and len(self.free) == len(self.workers)))
+            if self.closed:
+                raise PoolError("the worker pool is shut down")
+            entry = (method, tuple(args))
+            self.setup_log.append(entry)  # before the calls, so a replacement started meanwhile gets it
+            ids = list(self.workers)
+            self.free = [w for w in self.free if w not in ids]
+        try:
+            results = await asyncio.gather(
+                *(getattr(self.workers[w], method).remote(*args) for w in ids), return_exceptions=True
+            )
+        finally:
+            await self.release(ids)
+        errors = [r for r in results if isinstance(r, BaseException) and not isinstance(r, LOST_WORKER_ERRORS)]
+        if errors:
+            # the engine rejected the call: it must not be replayed on replacements
+            self.setup_log = [e for e in self.setup_log if e is not entry]
+            raise errors[0]
+        for w, r in zip(ids, results):
+            if isinstance(r, LOST_WORKER_ERRORS):
+                await self.report_lost(w, _short(r))  # its replacement replays the log
+        return [r for r in results if not isinstance(r, BaseException)]
+
+    async def call_one(self, method: str, args: tuple = ()) -> Any:
+        """Call a read-only method (e.g. info) on any free worker."""
+        (ref,) = await self.acquire(1)
+        try:
+            return await getattr(ref.actor, method).remote(*args)
+        finally:
+            await self.release([ref.worker_id])
+
+    async def health(self) -> list[dict[str, Any]]:
+        ids = list(self.workers)
+        results = await asyncio.gather(
+            *(asyncio.wait_for(self.workers[w].health.remote(), self.health_timeout_s) for w in ids),
+            return_exceptions=True,
+        )
+        out = []
+        for w, r in zip(ids, results):
+            if isinstance(r, BaseException):
+                out.append({"worker_id": w, "host": self.hosts.get(w, ""), "error": _short(r)})
+            else:
+                self.loads[w] = int(r["loads"])
+                out.append(r)
+        return out
+
+    async def stats(self) -> dict[str, Any]:
+        return {
+            "workers": len(self.workers),
+            "free": len(self.free),
+            "leased": [w for w in self.workers if w not in self.free],
+            "starting": self.starting,
+            "replacements": self.replacements,
+            "loads_total": sum(self.loads.values()),
+            "loads": dict(self.loads),
+            "load_seconds": dict(self.load_seconds),
+            "lost": list(self.lost),
+            "replacement_errors": list(self.replacement_errors),
+            "setup_calls": [m for m, _ in self.setup_log],
+        }
+
+    async def handles(self) -> dict[str, Any]:
+        """worker id -> actor handle of the alive workers (for tests and diagnostics)."""
+        return dict(self.workers)
+
+    async def shutdown(self) -> None:
+        async with self.cond:
+            self.closed = True
+            actors = list(self.workers.values())
+            self.workers.clear()
+            self.free.clear()
+            self.cond.notify_all()
+        for a in actors:
+            with contextlib.suppress(Exception):
+                ray.kill(a)
+
+
+def _short(exc: BaseException, limit: int = 600) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------------
+# The client
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardedRun:
+    """What `run_sharded` returns: results in shard order plus what it took to get them."""
+
+    results: list[Any]
+    attempts: list[int]  # tries per shard (1 = no loss)
+    losses: list[dict[str, str]]  # {"shard", "worker_id", "error"} per lost call
+    worker_ids: list[str]  # the worker that produced each shard's result
+    lease_s: float = 0.0  # waiting for free workers (first lease)
+    run_s: float = 0.0  # from the first call to the last result
+
+
+class Lease:
+    """Workers taken from the pool; given back on exit (lost ones are not given back)."""
+
+    def __init__(self, pool: WorkerPool, workers: list[WorkerRef]):
+        self.pool = pool
+        self.workers = list(workers)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.workers:
+            ids = [w.worker_id for w in self.workers]
+            self.workers = []
+            with contextlib.suppress(Exception):
+                ray.get(self.pool.broker.release.remote(ids))
+
+    def swap(self, lost: WorkerRef, reason: str, timeout_s: float | None = None) -> WorkerRef:
+        """Report `lost`, take another free worker in its place (blocks until one is free)."""
+        self.workers = [w for w in self.workers if w.worker_id != lost.worker_id]
+        self.pool.report_lost(lost, reason)
+        (new,) = self.pool._acquire(1, timeout_s)
+        self.workers.append(new)
+        return new
+
+
+_ATTACHED: dict[tuple[str, str], WorkerPool] = {}
+
+
+class WorkerPool:
+    """Client of a WorkerBroker. Create it in the driver; it pickles to an attachment by name."""
+
+    def __init__(
+        self,
+        engine_factory: str,
+        settings: Any,
+        n_workers: int,
+        cpus_per_worker: float = 1.0,
+        gpus_per_worker: float = 0.0,
+        resources: dict[str, float] | None = None,
+        *,
+        max_concurrency: int = 2,
+        scheduling_strategy: str | None = None,
+        check_resources: bool = True,
+        start_timeout_s: float | None = None,
+    ):
+        if n_workers < 1:
+            raise WorkerStartError("the pool needs at least one worker")
+        if not ray.is_initialized():
+            raise RuntimeError("ray.init() must run before a WorkerPool is created")
+        if check_resources:
+            _check_resources(n_workers, cpus_per_worker, gpus_per_worker, resources or {})
+        worker_options: dict[str, Any] = {
+            "num_cpus": cpus_per_worker,
+            "num_gpus": gpus_per_worker,
+            "max_restarts": 0,
+            "max_task_retries": 0,
+            # >1 so that health() answers while a trial runs (engine calls hold a lock in the worker)
+            "max_concurrency": max_concurrency,
+        }
+        if resources:
+            worker_options["resources"] = dict(resources)
+        if scheduling_strategy:
+            worker_options["scheduling_strategy"] = scheduling_strategy
+        ctx = ray.get_runtime_context()
+        self.name = f"heretic-pool-{uuid.uuid4().hex[:8]}"
+        self.namespace = ctx.namespace
+        self.n_workers = n_workers
+        self.owner = True
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.broker = (
+            ray.remote(WorkerBroker)
+            .options(
+                name=self.name,
+                namespace=self.namespace,
+                num_cpus=0,
+                max_restarts=0,
+                max_concurrency=1000,
+                # the broker lives beside the driver: a lost spot node must not take it along
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=ctx.get_node_id(), soft=False),
+            )
+            .remote(engine_factory, settings_payload(settings), n_workers, worker_options)
+        )
+        self._keep: list[Any] = []  # ObjectRefs this driver put for the setup log (kept alive here)
+        t0 = time.perf_counter()
+        try:
+            self.started = ray.get(self.broker.start.remote(), timeout=start_timeout_s)
+        except GetTimeoutError:
+            self.shutdown()
+            raise WorkerStartError(
+                f"{n_workers} model workers did not start within {start_timeout_s:.0f} s "
+                f"(each needs {cpus_per_worker} CPU, {gpus_per_worker} GPU): is the cluster big enough?"
+            ) from None
+        except RayTaskError as exc:
+            self.shutdown()
+            raise WorkerStartError(f"model workers failed to start: {_cause_text(exc)}") from None
+        self.start_seconds = time.perf_counter() - t0
+
+    # -- attach from another process ----------------------------------------------------------------
+
+    @classmethod
+    def attach(cls, name: str, namespace: str | None = None) -> WorkerPool:
+        key = (name, namespace or "")
+        pool = _ATTACHED.get(key)
+        if pool is None:
+            pool = cls.__new__(cls)
+            pool.name, pool.namespace, pool.owner = name, namespace, False
+            pool.broker = ray.get_actor(name, namespace=namespace)
+            pool._keep = []
+            pool.n_workers = 0
+            _ATTACHED[key] = pool
+        return pool
+
+    def __reduce__(self):
+        return (WorkerPool.attach, (self.name, self.namespace))
+
+    # -- leasing and sharded work -------------------------------------------------------------------
+
+    def _acquire(self, k: int, timeout_s: float | None = None) -> list[WorkerRef]:
+        try:
+            return ray.get(self.broker.acquire.remote(k, timeout_s))
+        except RayTaskError as exc:
+            raise PoolError(_cause_text(exc)) from None
+
+    def lease(self, k: int, timeout_s: float | None = None) -> Lease:
+        """Block until k workers are free; use as a context manager (`with pool.lease(2) as lease`)."""
+        return Lease(self, self._acquire(k, timeout_s))
+
+    def report_lost(self, worker: WorkerRef | str, reason: str = "") -> bool:
+        worker_id = worker if isinstance(worker, str) else worker.worker_id
+        return ray.get(self.broker.report_lost.remote(worker_id, reason))
+
+    replace = report_lost  # the name the design uses: drop a dead worker, start its replacement
+
+    def run_sharded(
+        self,
+        method: str,
+        shard_args: list[tuple],
+        max_attempts: int = 3,
+        lease_timeout_s: float | None = None,
+    ) -> ShardedRun:
+        """Call `method(*shard_args[i])` on K = len(shard_args) leased workers, one shard each.
+
+        A lost worker is reported and its shard runs again on another worker, up to `max_attempts`
+        tries per shard; then PoolError. Engine errors propagate (as RayTaskError) without retry.
+        """
+        k = len(shard_args)
+        results: list[Any] = [None] * k
+        attempts = [0] * k
+        losses: list[dict[str, str]] = []
+        producers = [""] * k
+        t0 = time.perf_counter()
+        with self.lease(k, lease_timeout_s) as lease:
+            t1 = time.perf_counter()
+            inflight: dict[Any, tuple[int, WorkerRef]] = {}
+
+            def submit(i: int, worker: WorkerRef) -> None:
+                attempts[i] += 1
+                inflight[getattr(worker.actor, method).remote(*shard_args[i])] = (i, worker)
+
+            for i, worker in enumerate(lease.workers):
+                submit(i, worker)
+            while inflight:
+                ready, _ = ray.wait(list(inflight), num_returns=1)
+                for ref in ready:
+                    i, worker = inflight.pop(ref)
+                    try:
+                        results[i] = ray.get(ref)
+                        producers[i] = worker.worker_id
+                    except LOST_WORKER_ERRORS as exc:
+                        losses.append({"shard": str(i), "worker_id": worker.worker_id, "error": _short(exc, 300)})
+                        if attempts[i] >= max_attempts:
+                            raise PoolError(
+                                f"shard {i} of {k} lost its worker {attempts[i]} times "
+                                f"(last: {worker.worker_id}: {_short(exc, 300)})"
+                            ) from None
+                        submit(i, lease.swap(worker, _short(exc, 300), lease_timeout_s))
+            t2 = time.perf_counter()
+        return ShardedRun(results, attempts, losses, producers, lease_s=t1 - t0, run_s=t2 - t1)
+
+    def map(self, method: str, items: list, *extra_args: Any, max_attempts: int = 3) -> list[Any]:
+        """Split `items` into one contiguous slice per worker, call `method(slice, *extra_args)` on each.
+
+        Returns the per-slice results in order (concatenate or sum them). Used for residual sums and
+        for response generation over the direction prompts.
+        """
+        if not items:
+            return []
+        from heretic_dist.engine.types import Shard
+
+        k = max(1, min(self.size(), len(items)))
+        shard_args = [(Shard(i, k).take(items), *extra_args) for i in range(k)]
+        return self.run_sharded(method, shard_args, max_attempts).results
+
+    # -- setup ---------------------------------------------------------------------------------------
+
+    def broadcast_setup(self, method: str, *args: Any) -> list[Any]:
+        """Call a setup method on every worker (waits until none is leased) and log it for replacements.
+
+        ObjectRefs are passed as they are (top-level arguments of the worker call), so Ray resolves a
+        ray.put() object once per worker and never copies it through the broker.
+        """
+        try:
+            return ray.get(self.broker.broadcast.remote(method, args))
+        except RayTaskError as exc:
+            raise PoolError(f"{method} failed on a worker: {_cause_text(exc)}") from None
+
+    def set_response_prefix(self, prefix: str) -> None:
+        self.broadcast_setup("set_response_prefix", prefix)
+
+    def set_directions(self, directions: Any) -> None:
+        """`directions`: a tensor (put into the object store here) or an ObjectRef of one."""
+        ref = directions if isinstance(directions, ray.ObjectRef) else ray.put(directions)
+        self._keep.append(ref)
+        # Nested in the args tuple, the ref reaches the broker unresolved; the broker passes it to each
+        # worker as a top-level argument, which Ray resolves on the worker's node.
+        self.broadcast_setup("set_directions", ref)
+
+    def set_eval_prompts(self, good: list, bad: list) -> None:
+        self.broadcast_setup("set_eval_prompts", good, bad)
+
+    # -- introspection --------------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        """The engine's info() (n_layers, components, ...) from one worker."""
+        return ray.get(self.broker.call_one.remote("info"))
+
+    def health(self) -> list[dict[str, Any]]:
+        return ray.get(self.broker.health.remote())
+
+    def stats(self) -> dict[str, Any]:
+        return ray.get(self.broker.stats.remote())
+
+    def size(self) -> int:
+        s = self.stats()
+        return s["workers"] + s["starting"]
+
+    @property
+    def replacements(self) -> int:
+        return self.stats()["replacements"]
+
+    def loads_total(self) -> int:
+        return self.stats()["loads_total"]
+
+    def shutdown(self) -> None:
+        if not getattr(self, "owner", False):
+            return
+        with contextlib.suppress(Exception):
+            ray.get(self.broker.shutdown.remote(), timeout=30)
+        with contextlib.suppress(Exception):
+            ray.kill(self.broker)
+        self.owner = False
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _cause_text(exc: RayTaskError) -> str:
+    cause = getattr(exc, "cause", None)
+    if cause is not None:
+        return str(cause) if isinstance(cause, (PoolError, WorkerStartError)) else _short(cause)
+    return str(exc).strip().splitlines()[-1]
+
+
+def _check_resources(n: int, cpus: float, gpus: float, resources: dict[str, float]) -> None:
+    """Fail fast when the cluster, as it is now, can never hold the workers (no autoscaling assumed)."""
+    total = ray.cluster_resources()
+    need = {"CPU": n * cpus, "GPU": n * gpus, **{k: n * v for k, v in resources.items()}}
+    missing = [f"{k}: need {v:g}, cluster has {total.get(k, 0):g}" for k, v in need.items() if v > total.get(k, 0) + 1e-9]
+    if missing:
+        raise WorkerStartError(
+            f"the cluster cannot hold {n} model workers ({'; '.join(missing)}); "
+            "lower cluster.workers or the per-worker resources"
+        )
