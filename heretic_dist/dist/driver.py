@@ -33,7 +33,8 @@ MANIFEST_VERSION = 1
 class RunOptions:
     run_dir: str
     new_run: bool = False
-    engine_factory: str = ENGINE
+    # tests and benchmarks swap in the model-free FakeEngine through this variable
+    engine_factory: str = field(default_factory=lambda: os.environ.get("HERETIC_DIST_ENGINE", ENGINE))
     progress: Callable[[str], None] = print
 
 
@@ -157,11 +158,14 @@ def _base_scores(pool) -> tuple[int, int, int]:
 
 def run(settings, options: RunOptions) -> RunOutcome:
     """Run (or resume) the search described by `settings` in `options.run_dir`."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     say = options.progress
     t0 = time.perf_counter()
-    run_dir = st.RunDir(options.run_dir)
-    run_dir.check_access(write=True)
     prompts = load_prompts(settings)  # bad input stops here, before any expensive work
+    run_dir = st.RunDir(options.run_dir)
+    run_dir.check_access(write=False)
     old = run_dir.read_json(st.MANIFEST) if run_dir.exists(st.MANIFEST) else None
     settings = _resolve_seed(settings, old)
     manifest = build_manifest(settings, prompts, options.engine_factory)
@@ -175,6 +179,7 @@ def run(settings, options: RunOptions) -> RunOutcome:
                 "run with the old settings to resume it, use another --run-dir, or pass --new-run "
                 "to archive it and start fresh")
     cluster = settings.cluster
+    run_dir.check_access(write=True)
     with st.RunLock(run_dir):
         run_dir.ensure()
         if old is not None and old.get("run_id") != run_id:

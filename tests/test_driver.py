@@ -1,0 +1,157 @@
+"""The whole `heretic-dist run` as a user runs it: a real local Ray cluster in a subprocess, the fake
+engine where the model does not matter; SIGKILL of the driver, resume, changed settings, more trials."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from heretic_dist import storage as st
+from heretic_dist.dist.search import open_storage
+
+pytestmark = pytest.mark.slow
+
+CONFIG = """
+model = "fake"
+n_trials = {n_trials}
+n_startup_trials = 4
+seed = 7
+max_response_length = 8
+[good_prompts]
+dataset = "builtin:demo_harmless"
+split = "[:10]"
+[bad_prompts]
+dataset = "builtin:demo_harmful"
+split = "[:10]"
+[good_evaluation_prompts]
+dataset = "builtin:demo_harmless"
+split = "[10:30]"
+[bad_evaluation_prompts]
+dataset = "builtin:demo_harmful"
+split = "[10:30]"
+[cluster]
+workers = 2
+cpus_per_worker = 1
+object_store_memory_mb = 100
+"""
+
+
+def write_config(tmp_path: Path, n_trials: int) -> Path:
+    path = tmp_path / "fake.toml"
+    path.write_text(CONFIG.format(n_trials=n_trials))
+    return path
+
+
+def cli(config: Path, run_dir: Path, *extra: str, trial_seconds: float = 0.0) -> subprocess.Popen:
+    env = dict(os.environ, HERETIC_DIST_ENGINE="heretic_dist.engine.fake:FakeEngine",
+               HERETIC_DIST_FAKE=json.dumps({"fake_trial_seconds": trial_seconds}), PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "heretic_dist.cli", "run", str(config), "--run-dir", str(run_dir), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def study_of(run_dir: Path) -> optuna.Study:
+    manifest = json.loads((run_dir / st.MANIFEST).read_text())
+    return optuna.load_study(study_name=manifest["run_id"], storage=open_storage(str(run_dir / st.JOURNAL)))
+
+
+def complete_numbers(run_dir: Path) -> list[int]:
+    return [t.number for t in study_of(run_dir).trials if t.state.name == "COMPLETE"]
+
+
+def file_hashes(run_dir: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in run_dir.iterdir() if p.is_file()}
+
+
+def _live_members(pgid: int) -> list[str]:
+    """Processes of a process group that are still running (zombies do not count)."""
+    out = subprocess.run(["ps", "-o", "pid=,stat=,comm=", "-g", str(pgid)], capture_output=True, text=True).stdout
+    return [line.strip() for line in out.splitlines() if line.split()[1:2] and not line.split()[1].startswith("Z")]
+
+
+def test_sigkill_driver_then_same_command_resumes(tmp_path):
+    config, run_dir = write_config(tmp_path, 10), tmp_path / "run"
+    proc = cli(config, run_dir, trial_seconds=1.0)
+    deadline = time.time() + 180
+    while time.time() < deadline:  # kill once a few trials are in the study
+        if (run_dir / st.JOURNAL).exists() and len(complete_numbers(run_dir)) >= 3:
+            break
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail(f"no progress: {proc.communicate()[0][-3000:]}")
+    os.kill(proc.pid, signal.SIGKILL)  # the driver process alone, as a crash would
+    proc.wait()
+    killed_at = len(complete_numbers(run_dir))
+    assert killed_at < 10
+
+    code, out = finish(cli(config, run_dir))
+    # Ray's processes share the killed driver's fate (its agents exit within about a minute)
+    deadline = time.time() + 90
+    while (alive := _live_members(proc.pid)) and time.time() < deadline:
+        time.sleep(2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # never leave strays behind, even if the check fails
+    assert not alive, f"processes outlived the killed driver: {alive}"
+    assert code == 0, out[-3000:]
+    assert "directions: loaded from the run directory" in out  # cache hit: not recomputed
+    assert "directions: computed" not in out
+    study = study_of(run_dir)
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") == 10
+    assert "RUNNING" not in states
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers))
+    # every failed trial is an interrupted one, failed cleanly with its reason
+    assert all("interrupted" in t.user_attrs.get("fail_reason", "") or "not told" in t.user_attrs.get("fail_reason", "")
+               for t in study.trials if t.state.name == "FAIL")
+    rows = st.RunDir(str(run_dir)).read_parquet(st.TRIALS)
+    assert sorted(r["number"] for r in rows) == sorted(numbers)
+    # the study opens with plain Optuna, and its best trials are pareto.parquet
+    pareto = st.RunDir(str(run_dir)).read_parquet(st.PARETO)
+    assert sorted(t.number for t in study.best_trials) == sorted(r["number"] for r in pareto)
+
+
+def test_changed_setting_is_refused_and_more_trials_are_added(tmp_path):
+    config, run_dir = write_config(tmp_path, 4), tmp_path / "run"
+    code, out = finish(cli(config, run_dir))
+    assert code == 0, out[-3000:]
+    assert "[4/4]" in out and "Pareto front" in out
+    before = file_hashes(run_dir)
+
+    code, out = finish(cli(config, run_dir, "--set", "max_response_length=9", "--set", "seed=8"))
+    assert code == 2
+    assert "settings.max_response_length" in out and "settings.seed" in out and "--new-run" in out
+    assert "Traceback" not in out
+    assert file_hashes(run_dir) == before  # nothing damaged
+
+    code, out = finish(cli(config, run_dir, "--n-trials", "6"))
+    assert code == 0, out[-3000:]
+    assert len(complete_numbers(run_dir)) == 6
+    assert "[6/6]" in out
+
+
+def test_bad_input_stops_before_ray_with_one_line(tmp_path):
+    config = write_config(tmp_path, 4)
+    config.write_text(config.read_text().replace('split = "[:10]"', 'split = "[:10"', 1))
+    start = time.time()
+    code, out = finish(cli(config, tmp_path / "run"))
+    assert code == 2 and "Traceback" not in out
+    assert out.strip().count("\n") == 0 and "split" in out
+    assert not (tmp_path / "run").exists()
+    assert time.time() - start < 30
