@@ -14,7 +14,9 @@ Knobs (keys of a plain dict, or attributes of a settings object; all optional):
   fake_load_seconds (0), fake_trial_seconds (0, sleep per run_trial call),
   fake_prompt_seconds (0, sleep per scored prompt), fake_n_eval (20, default eval prompts per side),
   fake_nonfinite (False: when true every edited trial returns a NaN KL sum),
-  fake_fail_load (False: when true the constructor raises, like a model that cannot load).
+  fake_fail_load (False: when true the constructor raises, like a model that cannot load),
+  fake_fail_models ([]: `model` values whose load fails like fake_fail_load; the knobs are one env for
+  every run, so this is how a batch test makes one model of several fail).
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ class FakeEngine:
         start = time.perf_counter()
         if _get(settings, "fake_fail_load", False):
             raise RuntimeError("FakeEngine: model cannot be loaded (fake_fail_load is set)")
+        model = _get(settings, "model", None)
+        if model is not None and model in list(_get(settings, "fake_fail_models", [])):
+            raise RuntimeError(f"FakeEngine: model {model} cannot be loaded (listed in fake_fail_models)")
         self.n_layers = int(_get(settings, "fake_n_layers", 8))
         self.hidden_size = int(_get(settings, "fake_hidden_size", 16))
         self.components = list(_get(settings, "fake_components", list(COMPONENTS)))
