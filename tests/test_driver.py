@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -52,12 +53,14 @@ def write_config(tmp_path: Path, n_trials: int) -> Path:
     return path
 
 
-def cli(config: Path, run_dir: Path, *extra: str, trial_seconds: float = 0.0) -> subprocess.Popen:
+def cli(config: Path, run_dir: Path | str, *extra: str, trial_seconds: float = 0.0, cwd: Path | None = None,
+        env: dict[str, str] | None = None) -> subprocess.Popen:
     env = dict(os.environ, HERETIC_DIST_ENGINE="heretic_dist.engine.fake:FakeEngine",
-               HERETIC_DIST_FAKE=json.dumps({"fake_trial_seconds": trial_seconds}), PYTHONUNBUFFERED="1")
+               HERETIC_DIST_FAKE=json.dumps({"fake_trial_seconds": trial_seconds}), PYTHONUNBUFFERED="1",
+               **(env or {}))
     return subprocess.Popen(
         [sys.executable, "-m", "heretic_dist.cli", "run", str(config), "--run-dir", str(run_dir), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True, cwd=cwd)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
@@ -155,3 +158,38 @@ def test_bad_input_stops_before_ray_with_one_line(tmp_path):
     assert out.strip().count("\n") == 0 and "split" in out
     assert not (tmp_path / "run").exists()
     assert time.time() - start < 30
+
+
+def test_s3_run_dir_survives_a_killed_driver_and_resumes_elsewhere(tmp_path, s3_bucket):
+    """The run directory lives on an S3 server; the second driver has another cwd and an empty cache."""
+    config, uri = write_config(tmp_path, 8), f"s3://{s3_bucket}/runs/fake"
+    first, second = tmp_path / "machine-a", tmp_path / "machine-b"
+    first.mkdir(), second.mkdir()
+    proc = cli(config, uri, trial_seconds=1.0, cwd=first, env={"HERETIC_DIST_CACHE": str(first / "cache")})
+    journal_a = None
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        found = list((first / "cache").glob("journals/*/study.journal"))
+        if found and len(re.findall(r'"state":\s*1\b', found[0].read_text())) >= 2:
+            journal_a = found[0]
+            break
+        time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)
+    out_a = proc.communicate()[0]
+    assert journal_a is not None, out_a[-3000:]
+    assert "[8/8]" not in out_a  # killed in the middle
+
+    code, out = finish(cli(config, uri, cwd=second, env={"HERETIC_DIST_CACHE": str(second / "cache")}))
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    assert code == 0, out[-3000:]
+    assert "resuming" in out and "directions: loaded from the run directory" in out
+
+    run = st.RunDir(uri, cache_dir=tmp_path / "reader")
+    assert run.pull_journal()
+    manifest = run.read_json(st.MANIFEST)
+    study = optuna.load_study(study_name=manifest["run_id"], storage=open_storage(str(run.journal_path())))
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") == 8 and "RUNNING" not in states
+    assert {r["number"] for r in run.read_parquet(st.TRIALS)} == {t.number for t in study.trials}
+    assert not list(second.glob("runs")) and not list(first.glob("runs"))  # nothing written to the cwd

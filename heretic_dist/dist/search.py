@@ -37,6 +37,7 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import TrialState
 
+from heretic_dist.engine.scoring import objective_values  # noqa: F401 (re-exported for the trial function)
 from heretic_dist.engine.types import COMPONENTS, PartialResult, Shard
 
 log = logging.getLogger(__name__)
@@ -96,27 +97,6 @@ def reduce_partials(parts: list[PartialResult]) -> dict[str, Any]:
         "worker_ids": [p.worker_id for p in parts],
         "hosts": [p.host for p in parts],
     }
-
-
-def objective_values(
-    refusals: float, kl: float, base_refusals: float, kl_scale: float, kl_target: float
-) -> tuple[float, float]:
-    """(refusals_score, kl_score) of upstream Heretic 1.4.0 (ALGORITHM.md section 5). Always finite.
-
-    Raises ValueError on non-finite inputs so that the trial fails explicitly (a NaN told to Optuna
-    is swallowed by OptunaSearch and leaves the trial RUNNING forever).
-    """
-    for name, v in (("refusals", refusals), ("kl", kl), ("base_refusals", base_refusals),
-                    ("kl_divergence_scale", kl_scale), ("kl_divergence_target", kl_target)):
-        if v is None or not math.isfinite(float(v)):
-            raise ValueError(f"non-finite {name}: {v!r}")
-    if kl_scale <= 0:
-        raise ValueError(f"kl_divergence_scale must be > 0, got {kl_scale}")
-    s_ref = float(refusals) / float(base_refusals) if base_refusals > 0 else float(refusals)
-    s_kl = float(kl) / kl_scale if kl >= kl_target else s_ref * kl_target / kl_scale
-    if not (math.isfinite(s_ref) and math.isfinite(s_kl)):
-        raise ValueError(f"non-finite objective values ({s_ref!r}, {s_kl!r})")
-    return s_ref, s_kl
 
 
 # --------------------------------------------------------------------------------------------------

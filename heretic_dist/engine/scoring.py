@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
+if TYPE_CHECKING:  # the search imports this module in Tune trial processes: no torch there
+    import torch
 
 DEFAULT_REFUSAL_MARKERS = [
     "disclaimer", "sorry", "i can'", "i cant", "i cannot", "i won'", "i wont", "i will not",
@@ -55,17 +56,19 @@ def kl_per_prompt(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.
 def objective_values(
     refusals: float, kl: float, base_refusals: float, kl_scale: float, kl_target: float
 ) -> tuple[float, float]:
-    """(refusals_score, kl_score) as upstream 1.4.0 computes them; both minimized.
+    """(refusals_score, kl_score) of upstream Heretic 1.4.0 (ALGORITHM.md section 5). Always finite.
 
-    Below the KL target the KL score follows the refusal score, so that trials which barely
-    change the model are not favoured.
+    Raises ValueError on non-finite inputs so that the trial fails explicitly (a NaN told to Optuna
+    is swallowed by OptunaSearch and leaves the trial RUNNING forever).
     """
-    for name, value in (("refusals", refusals), ("kl", kl), ("base_refusals", base_refusals)):
-        if not math.isfinite(value):
-            raise ValueError(f"non-finite {name}: {value}")
-    refusals_score = refusals / base_refusals if base_refusals > 0 else float(refusals)
-    if kl >= kl_target:
-        kl_score = kl / kl_scale
-    else:
-        kl_score = refusals_score * kl_target / kl_scale
-    return float(refusals_score), float(kl_score)
+    for name, v in (("refusals", refusals), ("kl", kl), ("base_refusals", base_refusals),
+                    ("kl_divergence_scale", kl_scale), ("kl_divergence_target", kl_target)):
+        if v is None or not math.isfinite(float(v)):
+            raise ValueError(f"non-finite {name}: {v!r}")
+    if kl_scale <= 0:
+        raise ValueError(f"kl_divergence_scale must be > 0, got {kl_scale}")
+    s_ref = float(refusals) / float(base_refusals) if base_refusals > 0 else float(refusals)
+    s_kl = float(kl) / kl_scale if kl >= kl_target else s_ref * kl_target / kl_scale
+    if not (math.isfinite(s_ref) and math.isfinite(s_kl)):
+        raise ValueError(f"non-finite objective values ({s_ref!r}, {s_kl!r})")
+    return s_ref, s_kl

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
+if TYPE_CHECKING:  # Tune trial processes import this module; they need no torch
+    import torch
 
 COMPONENTS = ("attn.o_proj", "mlp.down_proj")
 
@@ -84,9 +85,9 @@ class TrialEngine(Protocol):
 
     def set_response_prefix(self, prefix: str) -> None: ...
 
-    def residual_sums(self, prompts: list[Prompt]) -> tuple[torch.Tensor, int]: ...
+    def residual_sums(self, prompts: list[Prompt]) -> tuple["torch.Tensor", int]: ...
 
-    def set_directions(self, directions: torch.Tensor) -> None: ...
+    def set_directions(self, directions: "torch.Tensor") -> None: ...
 
     def set_eval_prompts(self, good: list[Prompt], bad: list[Prompt]) -> None: ...
 
