@@ -228,6 +228,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- batch ----------------------------------------------------------------------------------------
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from .batch import BatchOptions, run_batch
+
+    return run_batch(BatchOptions(manifest=args.manifest, batch_dir=args.batch_dir,
+                                  parallel_models=args.parallel_models, address=args.address,
+                                  retry_failed=args.retry_failed, say=lambda line: print(line, flush=True)))
+
+
+def cmd_batch_status(args: argparse.Namespace) -> int:
+    from .batch import status_table
+
+    print(status_table(args.batch_dir))
+    return 0
+
+
 # --- entry point ------------------------------------------------------------------------------
 
 
@@ -268,6 +286,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-trials", type=int, help="complete trials the study should reach")
     p.add_argument("--new-run", action="store_true",
                    help="the run directory holds a run with other settings: archive it and start fresh")
+
+    p = add("batch", cmd_batch, "run or resume the search for many models from one manifest, on one cluster")
+    p.add_argument("manifest", help="batch manifest TOML: [defaults] and [[models]] (see configs/batch-example.toml)")
+    p.add_argument("--batch-dir", help="batch directory: a path, s3:// or gs:// (default batches/MANIFEST-NAME)")
+    p.add_argument("--parallel-models", type=int, default=1, metavar="M",
+                   help="models run at once, each on its own workers (default 1)")
+    p.add_argument("--address", help="join this Ray cluster ('auto' for the local one); default: start one")
+    p.add_argument("--retry-failed", action="store_true", help="run failed models again")
+
+    p = add("batch-status", cmd_batch_status, "per-model status and best points of a batch")
+    p.add_argument("batch_dir", help="batch directory")
 
     p = add("status", cmd_status, "progress and Pareto front of a running or finished run")
     p.add_argument("run_dir", help="run directory")
