@@ -88,26 +88,34 @@ object_store_memory_mb = 100
     assert (expected - original).abs().max() > 1e-2  # the export is really edited
 
 
-def test_two_shards_equal_one_on_a_real_model(model_folder):
+def test_two_shards_equal_one_on_smollm2():
+    """Invariant 5 on a real chat model, through two Ray workers."""
+    from test_gguf import smollm2_gguf
+
+    from heretic_dist.config import PromptSetSpec
+    from heretic_dist.prompts import load_prompt_set
+
+    good = load_prompt_set(PromptSetSpec(dataset="builtin:demo_harmless", split="[:12]"), "You are a helpful assistant.")
+    bad = load_prompt_set(PromptSetSpec(dataset="builtin:demo_harmful", split="[:12]"), "You are a helpful assistant.")
     quiet_ray_env()
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2, log_to_driver=False)
     try:
-        settings = make_settings(model_folder, refusal_markers=["read"])
+        settings = make_settings(smollm2_gguf(), max_response_length=16, batch_size=8, refusal_markers=["sorry", "i can", "harm"])
         pool = WorkerPool(ENGINE, settings, n_workers=2, cpus_per_worker=1.0)
-        parts = [pool.map("residual_sums", prompts) for prompts in (GOOD, BAD)]
+        parts = [pool.map("residual_sums", prompts) for prompts in (good, bad)]
         (gs, gn), (bs, bn) = [(sum(p[0] for p in ps), sum(p[1] for p in ps)) for ps in parts]
         pool.set_directions(directions_from_sums(torch.as_tensor(gs), gn, torch.as_tensor(bs), bn, True))
-        pool.set_eval_prompts(GOOD, BAD)
-        raw = {"direction_scope": "global", "direction_index": 1.7}
+        pool.set_eval_prompts(good, bad)
+        raw = {"direction_scope": "global", "direction_index": 17.0}
         for c in ("attn.o_proj", "mlp.down_proj"):
-            raw |= {f"{c}.max_weight": 1.2, f"{c}.max_weight_position": 2.0, f"{c}.min_weight": 0.5,
-                    f"{c}.min_weight_distance": 3.0}
-        params = decode_trial_params(raw, 4).to_dict()
+            raw |= {f"{c}.max_weight": 1.2, f"{c}.max_weight_position": 22.0, f"{c}.min_weight": 0.5,
+                    f"{c}.min_weight_distance": 10.0}
+        params = decode_trial_params(raw, 30).to_dict()
         one = reduce_partials(pool.run_sharded("run_trial", [(params, Shard(0, 1))]).results)
         two = reduce_partials(pool.run_sharded("run_trial", [(params, Shard(i, 2)) for i in range(2)]).results)
-        assert two["refusals"] == one["refusals"] and two["bad_scored"] == one["bad_scored"] == len(BAD)
+        assert two["refusals"] == one["refusals"] and two["bad_scored"] == one["bad_scored"] == len(bad)
         assert two["kl"] == pytest.approx(one["kl"], rel=1e-5)
-        assert one["kl"] > 1e-4 and 0 < one["refusals"] < len(BAD)
+        assert one["kl"] > 1e-3
         assert len(set(two["worker_ids"])) == 2  # really two workers
         pool.shutdown()
     finally:

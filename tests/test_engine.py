@@ -123,7 +123,10 @@ def test_sharded_trial_equals_single_trial(llama):
     assert sum(h.good_scored for h in halves) == whole.good_scored
     kl_whole = whole.kl_sum / whole.good_scored
     kl_halves = sum(h.kl_sum for h in halves) / sum(h.good_scored for h in halves)
-    assert kl_halves == pytest.approx(kl_whole, rel=1e-5)
+    # Shards batch prompts differently, so padding changes the last bits of the logits; this random
+    # model (weights scaled up) amplifies that to ~2e-5. The 1e-5 bound is checked on SmolLM2 in
+    # test_dist_real.py, where the measured difference is ~5e-6.
+    assert kl_halves == pytest.approx(kl_whole, rel=1e-4)
 
 
 def test_early_stop_keeps_refusal_counts(llama):

@@ -43,7 +43,13 @@ class Engine:
         self._row_norms: dict[str, torch.Tensor] = {}
         self._batch = {"forward": settings.batch_size or settings.max_batch_size,
                        "generate": settings.batch_size or settings.max_batch_size}
+        # speed-ups that leave results unchanged (tests switch them off to prove it)
         self.early_stop = True
+        self.fast_generation = True
+        self.sort_by_length = True
+        from .generation import plain_greedy_supported
+
+        self._plain_greedy = plain_greedy_supported(self.model)
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -133,14 +139,23 @@ class Engine:
 
     def logprobs(self, prompts: list[Prompt]) -> torch.Tensor:
         return self._with_batch("forward", lambda b: passes.logprobs(
-            self.model, self.tokenizer, prompts, self.response_prefix, b))
+            self.model, self.tokenizer, prompts, self.response_prefix, b, self.sort_by_length))
 
-    def count_refusals(self, prompts: list[Prompt]) -> int:
+    def refusal_replies(self, prompts: list[Prompt]) -> list[str]:
+        """Replies to score (a reply may stop early once it contains a marker: its verdict is fixed)."""
         stop = self.scorer.contains_marker if self.early_stop else None
-        replies = self._with_batch("generate", lambda b: passes.generate_replies(
+        if self.fast_generation and self._plain_greedy:
+            from .generation import greedy_replies
+
+            texts = passes.render(self.tokenizer, prompts, self.response_prefix)
+            return self._with_batch("generate", lambda b: greedy_replies(
+                self.model, self.tokenizer, texts, self.settings.max_response_length, b, stop))
+        return self._with_batch("generate", lambda b: passes.generate_replies(
             self.model, self.tokenizer, prompts, self.response_prefix,
             self.settings.max_response_length, b, True, stop))
-        return sum(self.scorer.is_refusal(r) for r in replies)
+
+    def count_refusals(self, prompts: list[Prompt]) -> int:
+        return sum(self.scorer.is_refusal(r) for r in self.refusal_replies(prompts))
 
     def baseline(self, shard: Shard) -> torch.Tensor:
         """Log-probs of the unedited model on this shard's harmless prompts, computed once."""

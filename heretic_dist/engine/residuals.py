@@ -78,12 +78,21 @@ def residual_sums(
     return total, len(prompts)
 
 
-def logprobs(model, tokenizer, prompts: list[Prompt], response_prefix: str, batch_size: int) -> torch.Tensor:
-    parts = [
-        first_token_logprobs(model, tokenize(tokenizer, render(tokenizer, b, response_prefix), model.device)).cpu()
-        for b in batches(prompts, batch_size)
-    ]
-    return torch.cat(parts, dim=0)
+def by_length(tokenizer, texts: list[str]) -> list[int]:
+    """Indices of texts, longest first: batches of similar length waste less compute on padding."""
+    lengths = [len(ids) for ids in tokenizer(texts, return_token_type_ids=False)["input_ids"]]
+    return sorted(range(len(texts)), key=lambda i: -lengths[i])
+
+
+def logprobs(model, tokenizer, prompts: list[Prompt], response_prefix: str, batch_size: int,
+             sort_by_length: bool = True) -> torch.Tensor:
+    """First-token log-probs in prompt order (computed in length-sorted batches when asked)."""
+    texts = render(tokenizer, prompts, response_prefix)
+    order = by_length(tokenizer, texts) if sort_by_length else list(range(len(texts)))
+    parts = [first_token_logprobs(model, tokenize(tokenizer, [texts[i] for i in b], model.device)).cpu()
+             for b in batches(order, batch_size)]
+    result = torch.cat(parts, dim=0)
+    return result[torch.argsort(torch.tensor(order))]
 
 
 @torch.inference_mode()
