@@ -284,7 +284,7 @@ def model_summary(batch: st.RunDir, entry: dict[str, Any]) -> dict[str, Any]:
     """One batch_summary row, from the model's run directory (whatever it holds so far)."""
     row: dict[str, Any] = {"name": entry["name"], "model": entry.get("model"), "status": entry.get("status"),
                            "reason": entry.get("reason"), "base_refusals": None, "n_bad": None,
-                           "complete_trials": None, "failed_trials": None, "pareto": [],
+                           "n_trials": None, "complete_trials": None, "failed_trials": None, "pareto": [],
                            "wall_seconds": float(entry.get("wall_seconds") or 0.0), "gpu_hours": None,
                            "run_dir": entry.get("run_dir")}
     try:
@@ -300,6 +300,7 @@ def model_summary(batch: st.RunDir, entry: dict[str, Any]) -> dict[str, Any]:
             row["pareto"] = _pareto_points(rows)
         if run.exists("run_info.json"):
             info = run.read_json("run_info.json")
+            row["n_trials"] = info.get("n_trials")
             row["gpu_hours"] = (float(info.get("worker_seconds") or 0.0)
                                 * float(info.get("gpus_per_worker") or 0.0) / 3600)
     except (UserError, OSError, ValueError) as error:  # a summary never stops the batch
@@ -313,7 +314,7 @@ def _summary_schema():
     point = pa.struct([("trial", pa.int64()), ("refusals", pa.int64()), ("kl", pa.float64())])
     return pa.schema([("name", pa.string()), ("model", pa.string()), ("status", pa.string()),
                       ("reason", pa.string()), ("base_refusals", pa.int64()), ("n_bad", pa.int64()),
-                      ("complete_trials", pa.int64()), ("failed_trials", pa.int64()), ("pareto", pa.list_(point)),
+                      ("n_trials", pa.int64()), ("complete_trials", pa.int64()), ("failed_trials", pa.int64()), ("pareto", pa.list_(point)),
                       ("wall_seconds", pa.float64()), ("gpu_hours", pa.float64()), ("run_dir", pa.string()),
                       ("summary_error", pa.string())])
 
@@ -473,6 +474,9 @@ def run_batch(options: BatchOptions) -> int:
         out(f"note: {manifest.path} changed since this batch last ran")
     models, todo = _plan(batch, manifest, old, options.retry_failed, out)
 
+    if batch.is_local and batch.local_path is not None and batch.local_path.is_dir():
+        with st.RunLock(batch):  # another batch driver on it: say so now, before starting a cluster
+            pass
     cluster = _cluster_for(manifest.models, options.address)
     specs = {m.name: m for m in manifest.models}
     todo_specs = [specs[e["name"]] for e in todo]
@@ -667,7 +671,14 @@ class _Runner:
             self.upload_log(entry["log"])
             return
         entry["finished"] = _now()
-        if rc == 0:
+        row = model_summary(self.batch, entry) if rc == 0 else {}
+        complete, wanted = row.get("complete_trials"), row.get("n_trials")
+        if rc == 0 and (complete is None or (wanted is not None and complete < wanted)):
+            # `run` can end cleanly short of n_trials (Ray Tune stops its loop on SIGINT): not done
+            rc = -1
+            entry.update(status="failed", reason=f"the run ended with {complete or 0} of {wanted or '?'} complete "
+                                                 "trials (interrupted?); --retry-failed resumes it")
+        elif rc == 0:
             entry.update(status="done", reason=None)
         else:
             entry.update(status="failed", reason=_failure_reason(child.log_path, child.log_offset, rc))

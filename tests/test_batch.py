@@ -288,6 +288,12 @@ def test_bad_input_stops_with_one_line_and_writes_nothing(tmp_path, s3_server, s
     assert f"--parallel-models {cpus + 1}" in out and "use --parallel-models" in out
     assert not batch_dir.exists()
 
+    # a second batch driver on the same batch dir: refused at once (the first holds the lock)
+    with st.RunLock(st.RunDir(str(batch_dir))):
+        out = _one_line_exit_2(batch_cli("batch", str(good), "--batch-dir", str(batch_dir)))
+    assert "another heretic-dist driver is running" in out
+    assert sorted(p.name for p in batch_dir.iterdir()) == [".lock"]
+
 
 @slow
 def test_batch_on_s3(tmp_path, s3_server, s3_bucket):
