@@ -139,6 +139,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     print()
     print(f"{outcome.complete} complete, {outcome.failed} failed trials in the study; "
           f"{outcome.loads_total} model loads ({outcome.replacements} replacements); {outcome.seconds:.0f} s")
+    if outcome.complete < settings.n_trials:
+        # Tune stops its loop on SIGINT without raising: say so, and do not report success
+        print(f"heretic-dist: stopped with {outcome.complete} of {settings.n_trials} complete trials; "
+              "run the same command to resume", file=sys.stderr)
+        return 1
     if outcome.pareto:
         print(f"export one: heretic-dist export {run_dir} --trial {outcome.pareto[0]['number']} --out DIR")
     return 0
@@ -327,13 +332,23 @@ def main(argv: list[str] | None = None) -> int:
                   "urllib3", "httpx", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
-        return args.func(args)
+        code = args.func(args)
     except UserError as error:
         print(f"heretic-dist: error: {error}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        code = EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("heretic-dist: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+        code = 130
+    from . import storage
+
+    if storage.s3_used():
+        # pyarrow's S3 client can abort the interpreter at exit (exit 134) after Parquet reads;
+        # everything is written and flushed by now, so leave without interpreter teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

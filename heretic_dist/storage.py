@@ -155,12 +155,22 @@ def _s3_endpoint_env() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
+_S3_USED = False
+
+
+def s3_used() -> bool:
+    """Whether this process created an S3 filesystem (the CLI then exits without teardown)."""
+    return _S3_USED
+
+
 def _make_s3(bucket: str) -> pafs.S3FileSystem:
     """S3 filesystem with the endpoint override from the env and bounded retries.
 
     Credentials come only from the AWS SDK's default chain (env vars, profiles, instance roles):
     nothing is read from our config and nothing is printed.
     """
+    global _S3_USED
+    _S3_USED = True
     kwargs: dict[str, Any] = {
         "connect_timeout": 10,
         "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),

@@ -1,0 +1,77 @@
+"""The command line as a user meets it: one clear line per bad input, non-zero exit, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_models import tiny_model_folder
+
+PROMPTS = """
+[good_prompts]
+dataset = "builtin:demo_harmless"
+split = "[:4]"
+[bad_prompts]
+dataset = "{bad}"
+split = "[:4]"
+[good_evaluation_prompts]
+dataset = "builtin:demo_harmless"
+split = "[4:8]"
+[bad_evaluation_prompts]
+dataset = "builtin:demo_harmful"
+split = "[4:8]"
+"""
+
+
+def heretic(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "heretic_dist.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return tiny_model_folder(tmp_path_factory.mktemp("m"), "llama", layers=2)
+
+
+def config(tmp_path: Path, model: Path | str, extra: str = "", bad: str = "builtin:demo_harmful") -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(f'model = "{model}"\ndtypes = ["float32"]\ndevice_map = "cpu"\n{extra}\n' + PROMPTS.format(bad=bad))
+    return path
+
+
+@pytest.mark.parametrize("case", ["typo", "missing_file", "empty_file", "missing_model"])
+def test_check_bad_input_is_one_clear_line(tmp_path, model, case):
+    (tmp_path / "empty.txt").write_text("")
+    cfg = {
+        "typo": lambda: config(tmp_path, model, "n_trails = 3"),
+        "missing_file": lambda: config(tmp_path, model, bad="nowhere.txt"),
+        "empty_file": lambda: config(tmp_path, model, bad="empty.txt"),
+        "missing_model": lambda: config(tmp_path, tmp_path / "no-such-model"),
+    }[case]()
+    done = heretic("check", str(cfg), cwd=tmp_path)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr + done.stdout
+    errors = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("heretic-dist: error:"), done.stderr
+    expected = {"typo": "did you mean 'n_trials'", "missing_file": "nowhere.txt", "empty_file": "empty.txt",
+                "missing_model": "no-such-model"}[case]
+    assert expected in errors[0]
+
+
+def test_check_and_evaluate_a_good_config(tmp_path, model):
+    cfg = config(tmp_path, model, "max_response_length = 4")
+    done = heretic("check", str(cfg), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "2 layers" in done.stdout and "check: ok" in done.stdout
+    done = heretic("evaluate", str(cfg), "--model", str(model), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith(str(model))]
+    assert len(rows) == 2 and rows[1].endswith("0.0000")  # the same model against itself: KL 0
+
+
+def test_help_lists_every_command(tmp_path):
+    done = heretic("--help", cwd=tmp_path)
+    for command in ("check", "evaluate", "run", "status", "export", "report", "batch"):
+        assert command in done.stdout
