@@ -47,6 +47,7 @@ def last_position_hidden_states(model, inputs: dict[str, torch.Tensor]) -> torch
         position_ids=position_ids(inputs["attention_mask"]),
         output_hidden_states=True,
         use_cache=False,
+        logits_to_keep=1,  # the lm_head over every position would cost more than the layers
     )
     return torch.stack([h[:, -1, :] for h in out.hidden_states], dim=1).to(torch.float32)
 
