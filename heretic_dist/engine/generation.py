@@ -140,7 +140,7 @@ def greedy_replies(
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                     logits_to_keep=1, **{cache_arg: cache})
         group.index, group.generated = list(indices), [[] for _ in indices]
-        group.mask, group.cache = mask, out.past_key_values
+        group.mask, group.cache = mask, cache  # the cache object is filled in place
         group.next_tokens = out.logits[:, -1, :].float().argmax(dim=-1)
         return group
 
@@ -170,7 +170,6 @@ def greedy_replies(
         positions = rows.mask.sum(dim=-1, keepdim=True) - 1
         out = model(input_ids=rows.next_tokens[:, None], attention_mask=rows.mask, position_ids=positions,
                     use_cache=True, logits_to_keep=1, **{cache_arg: rows.cache})
-        rows.cache = out.past_key_values
         rows.next_tokens = out.logits[:, -1, :].float().argmax(dim=-1)
         settle(rows)
     return replies
