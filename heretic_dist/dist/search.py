@@ -26,15 +26,18 @@ COMPLETE trials (a round that completes none stops the loop).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import optuna
+from optuna.storages.journal._storage import JournalOperation
 from optuna.trial import TrialState
 
 from heretic_dist.engine.scoring import objective_values  # noqa: F401 (re-exported for the trial function)
@@ -214,6 +217,11 @@ def _optuna_search_cls():
             self.on_told = on_told
             self.told: dict[int, str] = {}  # trial number -> state name, for this session
 
+        def suggest(self, trial_id: str) -> dict | None:
+            # the ask and its ~11 parameter logs: 2 journal appends instead of 12
+            with _buffered(self._ot_study):
+                return super().suggest(trial_id)
+
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             if trial_id in self._completed_trials or trial_id not in self._ot_trials:
                 return
@@ -247,6 +255,11 @@ def _optuna_search_cls():
             self._completed_trials.add(trial_id)
 
         def _tell(self, ot_trial: optuna.Trial, values: list[float] | None, attrs: dict[str, Any]) -> None:
+            # the ~20 user attrs are written with the tell's state change: 1 journal append, not 21
+            with _buffered(self._ot_study):
+                self._tell_grouped(ot_trial, values, attrs)
+
+        def _tell_grouped(self, ot_trial: optuna.Trial, values: list[float] | None, attrs: dict[str, Any]) -> None:
             for key, value in attrs.items():
                 try:
                     ot_trial.set_user_attr(key, _jsonable(value))
@@ -311,6 +324,57 @@ def _jsonable(value: Any) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
+class BufferedJournalStorage(optuna.storages.JournalStorage):
+    """A JournalStorage that can write the many small logs of one ask or one tell in one append.
+
+    Optuna writes every suggested parameter and every user attr as its own log line, and each line is
+    one append to the journal file under the file lock, with an fsync: about 11 appends per ask and
+    20 per tell here, 5 ms each on this machine's disk, all of it on the Tune controller's thread.
+    Inside `buffered()`, parameter and user-attr logs of the calling thread are held back and written
+    with the next other log (the tell's state change) or when the block ends, in one append (one lock,
+    one fsync). The file holds the same log lines as before, in the same order, so any Optuna reader
+    (and optuna-dashboard) replays it as usual. Readers of this storage object see the held-back logs
+    only after they are written; Optuna's Trial keeps its own copy of its params and user attrs, and
+    the tell (a state change) writes them first, so the study never sees a trial without them.
+    """
+
+    _HELD = frozenset({JournalOperation.SET_TRIAL_PARAM, JournalOperation.SET_TRIAL_USER_ATTR})
+
+    def __init__(self, log_storage: Any) -> None:
+        super().__init__(log_storage)
+        self._held: list[dict[str, Any]] | None = None
+        self._held_thread: int | None = None
+
+    @contextlib.contextmanager
+    def buffered(self):
+        if self._held is not None:  # nested: the outer block writes
+            yield
+            return
+        self._held, self._held_thread = [], threading.get_ident()
+        try:
+            yield
+        finally:
+            with self._thread_lock:
+                held, self._held, self._held_thread = self._held, None, None
+                if held:
+                    self._backend.append_logs(held)
+                    try:
+                        self._sync_with_backend()
+                    except (KeyError, optuna.exceptions.UpdateFinishedTrialError) as exc:
+                        # unbuffered, each write would have raised this (and been written all the same)
+                        log.warning("journal: held logs for a missing or finished trial: %s", exc)
+
+    def _write_log(self, op_code: int, extra_fields: dict[str, Any]) -> None:
+        log = {"op_code": op_code, "worker_id": self._replay_result.worker_id, **extra_fields}
+        if self._held is None or self._held_thread != threading.get_ident():
+            self._backend.append_logs([log])
+        elif op_code in self._HELD:
+            self._held.append(log)
+        else:
+            self._backend.append_logs(self._held + [log])
+            self._held.clear()
+
+
 def open_storage(storage: str | os.PathLike | optuna.storages.BaseStorage) -> optuna.storages.BaseStorage:
     """A JournalStorage on a local journal file (or a storage object passed through)."""
     if isinstance(storage, optuna.storages.BaseStorage):
@@ -318,7 +382,13 @@ def open_storage(storage: str | os.PathLike | optuna.storages.BaseStorage) -> op
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
     path = os.fspath(storage)
-    return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+    return BufferedJournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+
+
+def _buffered(study: optuna.Study):
+    """Write-grouping block of the study's storage (a no-op for other storages)."""
+    buffered = getattr(study._storage, "buffered", None)
+    return buffered() if buffered is not None else contextlib.nullcontext()
 
 
 def open_study(storage: Any, study_name: str) -> optuna.Study:
@@ -472,6 +542,8 @@ def build_tuner(
             storage_path=os.path.abspath(tune_dir),
             name=name,
             verbose=0,
+            # One report per trial: stop it on that report. Without this Tune asks the trial actor
+            # for one more result (the function's return) before it tells the searcher.
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
             checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False, num_to_keep=1),
             callbacks=callbacks or [],
