@@ -544,6 +544,7 @@ def build_tuner(
             verbose=0,
             # One report per trial: stop it on that report. Without this Tune asks the trial actor
             # for one more result (the function's return) before it tells the searcher.
+            stop={"training_iteration": 1},
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
             checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False, num_to_keep=1),
             callbacks=callbacks or [],
