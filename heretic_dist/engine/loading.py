@@ -53,8 +53,22 @@ def gguf_folder(path: Path) -> Path:
     target = cache_root() / "gguf" / f"{path.stem}-{key}"
     if (target / "config.json").exists():
         return target
+    import fcntl
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # workers on one machine convert once, the others wait
+        if (target / "config.json").exists():
+            return target
+        return _convert_gguf(path, target)
+
+
+def _convert_gguf(path: Path, target: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     log.info("converting %s into a cached folder %s (once)", path, target)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
