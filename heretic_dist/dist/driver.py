@@ -109,6 +109,9 @@ def start_ray(cluster, needed_cpus: float, needed_gpus: float) -> bool:
         if cluster.address:
             ray.init(address=cluster.address, **common)
         else:
+            # The raylet starts workers at nice 15; our workers are the compute itself, and at nice 15
+            # any other busy process on the machine starves them (upstream runs at normal priority).
+            os.environ.setdefault("RAY_worker_niceness", "0")
             cpus = max(os.cpu_count() or 1, 1)
             ray.init(address="local", num_cpus=cpus, include_dashboard=cluster.dashboard,
                      object_store_memory=cluster.object_store_memory_mb * 1024**2, **common)
