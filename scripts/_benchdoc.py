@@ -42,15 +42,18 @@ def wait_for_quiet(max_load: float, max_wait_s: float, poll_s: float = 15.0) -> 
         time.sleep(poll_s)
 
 
-def machine() -> str:
-    model = "unknown CPU"
+def cpu_model() -> str:
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine() -> str:
+    model = cpu_model()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     ram = "?"
     try:

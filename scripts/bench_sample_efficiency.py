@@ -91,6 +91,9 @@ import numpy as np
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _benchdoc import cpu_model  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "benchmarks.md"
 DOC_HEADER = "Every number here comes from a script in scripts/.\n"
@@ -307,16 +310,6 @@ def random_values(seed: int, n: int) -> np.ndarray:
         study.tell(trial, told(v))
         out.append(v)
     return np.array(out)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 WHAT = (

@@ -38,6 +38,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _benchdoc import cpu_model  # noqa: E402
+
 os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars from conversions and weight loading
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 REPO = Path(__file__).resolve().parents[1]
@@ -344,16 +347,6 @@ def upstream_versions() -> str:
         if dists:
             found.append(f"{name.replace('_', '-')} {dists[0].name[len(name) + 1:].removesuffix('.dist-info')}")
     return ", ".join(found) or "unknown"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def record(args, command: str, table: str) -> None:
