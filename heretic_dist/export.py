@@ -84,7 +84,12 @@ def export_trial(engine: Engine, params: TrialParams, trial: dict[str, Any], out
         raise UserError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
     edited = engine.edited_model(params)
     expected = _logits(edited, engine, CHECK_PROMPTS)
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent if out.parent.exists() else None))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # staged beside the target, so the final rename is atomic (same filesystem)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    except OSError as error:
+        raise UserError(f"cannot write the export to {out}: {error.strerror or error}") from None
     try:
         if adapter:
             edited.save_pretrained(staging)

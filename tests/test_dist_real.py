@@ -66,7 +66,7 @@ object_store_memory_mb = 100
     pareto = st.RunDir(str(run_dir)).read_parquet(st.PARETO)
     trial = pareto[0]["number"]
 
-    out = tmp_path / "exported"
+    out = tmp_path / "not-yet" / "exported"  # a parent that does not exist yet, as in the README
     done = subprocess.run([sys.executable, "-m", "heretic_dist.cli", "export", str(run_dir), "--trial", str(trial),
                            "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
