@@ -148,13 +148,12 @@ def _detect_prefix(pool, prompts, settings) -> str:
     return detect_response_prefix(generate, settings.chain_of_thought_skips)
 
 
-def _base_scores(pool) -> tuple[int, int, int]:
-    """Refusals of the unedited model, sharded over every worker (also warms each KL baseline)."""
+def _base_scores(pool, shards: int) -> tuple[int, int, int]:
+    """Refusals of the unedited model, on the same shards the trials use (their baselines are warm)."""
     from ..engine.types import Shard
     from .search import reduce_partials
 
-    k = pool.size()
-    parts = pool.run_sharded("run_trial", [(None, Shard(i, k)) for i in range(k)]).results
+    parts = pool.run_sharded("run_trial", [(None, Shard(i, shards)) for i in range(shards)]).results
     reduced = reduce_partials(parts)
     return reduced["refusals"], reduced["bad_scored"], reduced["good_scored"]
 
@@ -251,12 +250,18 @@ def _run_locked(settings, options, run_dir, prompts, manifest, run_id, old, resu
                 f"(sha256 {digest[:12]})")
         pool.set_directions(ray.put(directions))
         pool.set_eval_prompts(prompts["good_evaluation_prompts"], prompts["bad_evaluation_prompts"])
+        # every worker computes the unedited log-probs of the shards trials use; in the setup log, so
+        # replacements warm them too instead of paying inside their first trial
+        from ..engine.types import Shard
+
+        k = cluster.shards_per_trial
+        pool.broadcast_setup("warm_baselines", [Shard(i, k) for i in range(k)])
 
         if resumed and "base_refusals" in old:
             base_refusals, n_bad, n_good = old["base_refusals"], old["n_bad_prompts"], old["n_good_prompts"]
         else:
             t = time.perf_counter()
-            base_refusals, n_bad, n_good = _base_scores(pool)
+            base_refusals, n_bad, n_good = _base_scores(pool, cluster.shards_per_trial)
             say(f"base model: {base_refusals}/{n_bad} refusals ({time.perf_counter() - t:.1f} s)")
         full_manifest = dict(manifest, run_id=run_id, n_layers=info["n_layers"], components=info["components"],
                              response_prefix=prefix, base_refusals=base_refusals, n_bad_prompts=n_bad,

@@ -128,6 +128,13 @@ class ModelWorker:
         with self._lock:
             self._engine().set_eval_prompts(good, bad)
 
+    def warm_baselines(self, shards: list[Shard]) -> None:
+        """Compute the unedited log-probs of the shards trials will use, once, before any trial."""
+        with self._lock:
+            baseline = getattr(self._engine(), "baseline", None)  # the FakeEngine has none
+            for shard in shards if baseline else []:
+                baseline(shard)
+
     def run_trial(self, params: dict[str, Any] | TrialParams | None, shard: Shard) -> PartialResult:
         if isinstance(params, dict):
             params = TrialParams.from_dict(params)
