@@ -226,6 +226,11 @@ class Settings(BaseModel):
     kl_gate: float | None = Field(
         default=None, gt=0, description="Skip refusal generation for trials whose KL exceeds this"
     )
+    prepack_weights: bool = Field(
+        default=True,
+        description="On CPU, keep float32 linear weights also in oneDNN's prepacked layout: forwards "
+        "2-3x faster for one more copy of those weights in memory (skipped when memory is short)",
+    )
     cluster: ClusterSettings = Field(default_factory=ClusterSettings, description="Ray cluster")
 
     @field_validator("chain_of_thought_skips", mode="before")
@@ -253,6 +258,7 @@ NOT_RESULT_AFFECTING = {
     "cluster",
     "batch_size",
     "max_batch_size",
+    "prepack_weights",
     "device_map",
     "max_memory",
     "n_trials",

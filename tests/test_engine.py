@@ -146,6 +146,96 @@ def test_early_stop_keeps_refusal_counts(llama):
     assert any(0 < c < len(BAD) for c in counts), counts  # otherwise the test decides nothing
 
 
+SPEEDUPS = ("early_stop", "fast_generation", "sort_by_length", "prepack")
+
+
+def set_speedups(engine: Engine, on: set[str]) -> None:
+    engine.early_stop = "early_stop" in on
+    engine.fast_generation = "fast_generation" in on
+    engine.sort_by_length = "sort_by_length" in on
+    if "prepack" in on:
+        assert engine.prepack() > 0  # really packed: otherwise this compares plain with plain
+    else:
+        engine.unpack()
+
+
+def replay_with_and_without(engine: Engine, trials: list, on: set[str]) -> list[tuple]:
+    """(refusals, KL) with every speed-up and with `on` only, for each fixed trial."""
+    pairs = []
+    for params in trials:
+        set_speedups(engine, set(SPEEDUPS))
+        fast = engine.run_trial(params, Shard())
+        set_speedups(engine, on)
+        slow = engine.run_trial(params, Shard())
+        pairs.append(((fast.refusals, fast.kl_sum), (slow.refusals, slow.kl_sum)))
+    return pairs
+
+
+@pytest.mark.parametrize("off", [*SPEEDUPS, "all"])
+def test_speedups_keep_results(llama, off):
+    """Fixed parameters replayed with the speed-ups on and off: equal refusals, KL within 1e-4."""
+    engine = ready_engine(llama, refusal_markers=["read"], max_response_length=24)
+    assert engine.prepacked_bytes > 0  # prepacking is on by default on CPU
+    trials = [None, decode_trial_params(raw_params(4, max_weight=1.2), 4),
+              decode_trial_params(raw_params(4, scope="per layer"), 4),
+              decode_trial_params(raw_params(4, max_weight=0.6, distance=1.0), 4)]
+    pairs = replay_with_and_without(engine, trials, set() if off == "all" else set(SPEEDUPS) - {off})
+    for (fast_refusals, fast_kl), (slow_refusals, slow_kl) in pairs:
+        assert fast_refusals == slow_refusals
+        # this random model (weights scaled up) amplifies last-bit differences from batch shapes
+        # to ~1.5e-4 at KL 0.009; the 1e-4 bound is checked on SmolLM2 below
+        assert fast_kl == pytest.approx(slow_kl, rel=1e-3, abs=1e-9)
+    assert any(0 < r < len(BAD) for (r, _), _ in pairs)  # some rows decided early, some not
+    assert any(kl > 1e-3 for (_, kl), _ in pairs)
+
+
+def test_speedups_keep_results_on_smollm2():
+    """The acceptance bound on a real chat model: equal refusals, KL within 1e-4 relative."""
+    from test_gguf import smollm2_gguf
+
+    from heretic_dist.config import PromptSetSpec
+    from heretic_dist.prompts import load_prompt_set
+
+    def prompts(name):
+        return load_prompt_set(PromptSetSpec(dataset=f"builtin:{name}", split="[:12]"), SYSTEM)
+
+    engine = Engine(make_settings(smollm2_gguf(), max_response_length=16, batch_size=8,
+                                  refusal_markers=["sorry", "i can", "harm"]))
+    good, bad = prompts("demo_harmless"), prompts("demo_harmful")
+    engine.set_directions(directions_from_sums(*engine.residual_sums(good), *engine.residual_sums(bad), True))
+    engine.set_eval_prompts(good, bad)
+    trials = []
+    for scope, weight in (("global", 1.2), ("per layer", 0.8)):
+        raw = {"direction_scope": scope, "direction_index": 17.0}
+        for c in ("attn.o_proj", "mlp.down_proj"):
+            raw |= {f"{c}.max_weight": weight, f"{c}.max_weight_position": 22.0, f"{c}.min_weight": 0.5,
+                    f"{c}.min_weight_distance": 10.0}
+        trials.append(decode_trial_params(raw, 30))
+    for off in ("all", "prepack", "sort_by_length"):  # the two that change float rounding, then all
+        pairs = replay_with_and_without(engine, trials, set() if off == "all" else set(SPEEDUPS) - {off})
+        for (fast_refusals, fast_kl), (slow_refusals, slow_kl) in pairs:
+            assert fast_refusals == slow_refusals, off
+            assert fast_kl == pytest.approx(slow_kl, rel=1e-4), off
+            assert fast_kl > 1e-3
+
+
+def test_prepacked_forward_follows_a_changed_weight(llama):
+    from heretic_dist.engine.prepack import prepack_linears, unpack_linears
+
+    model = AutoModelForCausalLM.from_pretrained(llama).eval()
+    inputs = {"input_ids": torch.tensor([[5, 9, 23, 7, 11]])}
+    with torch.inference_mode():
+        plain = model(**inputs).logits
+        assert prepack_linears(model) > 0
+        packed = model(**inputs).logits
+        assert (packed - plain).abs().max() < 1e-4
+        model.model.layers[0].mlp.down_proj.weight.mul_(3.0)  # in place: repacked on the next call
+        changed = model(**inputs).logits
+        unpack_linears(model)
+        assert (model(**inputs).logits - changed).abs().max() < 1e-4
+        assert (changed - plain).abs().max() > 1e-3
+
+
 def test_refusal_detector_normalizes():
     scorer = MarkerRefusalScorer(["i can'", "sorry", "i'm unable"])
     assert scorer.is_refusal("I CAN\u2019T do that")

@@ -46,10 +46,52 @@ class Engine:
         # speed-ups that leave results unchanged (tests switch them off to prove it)
         self.early_stop = True
         self.fast_generation = True
-        self.sort_by_length = True
+        self._sort_by_length = True
         from .generation import plain_greedy_supported
 
         self._plain_greedy = plain_greedy_supported(self.model)
+        self.prepacked_bytes = 0
+        if settings.prepack_weights:
+            self.prepack()
+
+    @property
+    def sort_by_length(self) -> bool:
+        return self._sort_by_length
+
+    @sort_by_length.setter
+    def sort_by_length(self, value: bool) -> None:
+        if value != self._sort_by_length:
+            self._baselines.clear()  # the other batching changes the last bits of the log-probs
+        self._sort_by_length = value
+
+    def prepack(self) -> int:
+        """Prepack the frozen CPU linear weights (not the LoRA factors) when memory allows them.
+        Returns the bytes packed (0: not packed)."""
+        from .prepack import packable, prepack_linears, prepack_supported
+
+        if self.prepacked_bytes or not prepack_supported():
+            return self.prepacked_bytes
+        need = sum(m.weight.numel() * m.weight.element_size() for n, m in self.model.named_modules()
+                   if packable(m) and ".lora_" not in n)
+        import psutil
+
+        available = psutil.virtual_memory().available
+        if need and available < 1.5 * need:
+            log.warning("not prepacking CPU weights: they need %.1f GiB, %.1f GiB is available",
+                        need / 2**30, available / 2**30)
+            return 0
+        self.prepacked_bytes = prepack_linears(self.model, skip=lambda name: ".lora_" in name)
+        self._baselines.clear()  # log-probs of the other path differ in the last bits
+        return self.prepacked_bytes
+
+    def unpack(self) -> None:
+        """Plain forwards again (export merges into the dense weights, which packed copies would miss)."""
+        from .prepack import unpack_linears
+
+        if self.prepacked_bytes:
+            unpack_linears(self.model)
+            self.prepacked_bytes = 0
+            self._baselines.clear()
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -205,7 +247,8 @@ class Engine:
                     lora_b.data = b.to(device=lora_b.device, dtype=lora_b.dtype)
 
     def edited_model(self, params: TrialParams | None):
-        """The PEFT model with `params` applied (for export)."""
+        """The PEFT model with `params` applied (for export: plain forwards, so a merge is seen)."""
+        self.unpack()
         if params is None:
             self.reset()
         else:
