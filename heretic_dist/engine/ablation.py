@@ -104,21 +104,57 @@ def lora_factors(
     """
     if row_normalization == "none":
         return (v @ weight).view(1, -1), (-w * v).view(-1, 1)
-    norms = torch.linalg.vector_norm(weight, dim=1, keepdim=True)
-    unit_rows = F.normalize(weight, p=2, dim=1)
-    a = (v @ unit_rows).view(1, -1)
-    b = (-w * v).view(-1, 1)
-    if row_normalization == "pre":
-        return a, norms * b
-    if row_normalization != "full":
+    if row_normalization == "full":
+        return full_normalization_factors(weight, v, w, rank, seed)
+    if row_normalization != "pre":
         raise ValueError(f"unknown row_normalization {row_normalization!r}")
-    edited = F.normalize(unit_rows + b @ a, p=2, dim=1) * norms
-    return low_rank_factors(edited - weight, rank, seed)
+    norms = torch.linalg.vector_norm(weight, dim=1, keepdim=True)
+    a = (v @ F.normalize(weight, p=2, dim=1)).view(1, -1)
+    return a, norms * (-w * v).view(-1, 1)
 
 
-def low_rank_factors(delta: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded randomized SVD: delta ~ B @ A with rank `rank` (reseeded so a trial is reproducible)."""
+def full_normalization_factors(
+    weight: torch.Tensor, v: torch.Tensor, w: float, rank: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-`rank` factors of delta = normalize_rows(U + b a) * norms - W, the seeded randomized SVD
+    (torch.svd_lowrank, q = 2 rank + 4, 6 power iterations), without building any d_out x d_in matrix.
+
+    With unit rows U = diag(1/norms) W, a = v U and b = -w v, the edited weight is
+    diag(norms/n) (U + b a) where n holds the row norms of U + b a, so
+    delta = diag(1/n - 1) W + (norms b / n) a. Every product with delta is then one product with
+    W plus a rank-1 term, and the randomized SVD below is torch.svd_lowrank's algorithm step by step
+    (same random draws, same orientation), run through those products. The products are ordered
+    so that the big matrix is the second operand, which this CPU's GEMM handles 2-3x faster.
+    """
+    norms = torch.linalg.vector_norm(weight, dim=1).clamp_min(1e-12)  # F.normalize's eps
+    a = (v / norms) @ weight  # v U
+    b = -w * v
+    u_dot_a = (weight @ a) / norms
+    unit_sq = (torch.linalg.vector_norm(weight, dim=1) / norms) ** 2  # 1, or 0 for a zero row
+    n = torch.sqrt((unit_sq + 2 * b * u_dot_a + b * b * (a @ a)).clamp_min(0)).clamp_min(1e-12)
+    scale, h = 1 / n - 1, norms * b / n
+
+    def times(x: torch.Tensor) -> torch.Tensor:  # delta @ x, x: (d_in, k)
+        return scale[:, None] * (x.T @ weight.T).T + h[:, None] * (a @ x)[None, :]
+
+    def times_t(y: torch.Tensor) -> torch.Tensor:  # delta.T @ y, y: (d_out, k)
+        return ((scale[:, None] * y).T @ weight).T + a[:, None] * (h @ y)[None, :]
+
+    m, d_in = weight.shape
+    tall = m >= d_in  # torch.svd_lowrank works on the tall orientation
+    mul, mul_t = (times, times_t) if tall else (times_t, times)
+    q = 2 * rank + 4
     torch.manual_seed(seed)
-    u, s, v = torch.svd_lowrank(delta, q=2 * rank + 4, niter=6)
+    r = torch.randn(d_in if tall else m, q, dtype=weight.dtype, device=weight.device)
+    basis = torch.linalg.qr(mul(r)).Q
+    for _ in range(6):
+        basis = torch.linalg.qr(mul_t(basis)).Q
+        basis = torch.linalg.qr(mul(basis)).Q
+    u, s, vh = torch.linalg.svd(mul_t(basis).T, full_matrices=False)
+    left, right = basis @ u, vh.T
+    if not tall:
+        left, right = right, left
     sqrt_s = torch.sqrt(s[:rank])
-    return sqrt_s[:, None] * v[:, :rank].T, u[:, :rank] * sqrt_s[None, :]
+    return sqrt_s[:, None] * right[:, :rank].T, left[:, :rank] * sqrt_s[None, :]
+
+
