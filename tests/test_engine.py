@@ -326,3 +326,35 @@ def test_kl_gate_scores_far_trials_as_refusing_everything(llama):
     result = engine.run_trial(decode_trial_params(raw_params(4, max_weight=1.5), 4), Shard())
     assert result.refusals == len(BAD)
     assert result.timings["generation_s"] < 0.01
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_hook_capture_equals_output_hidden_states(tmp_path, arch):
+    """Residuals through hooks (last position only) equal output_hidden_states, padding included."""
+    from heretic_dist.engine.residuals import (
+        all_hidden_states_at_last_position,
+        last_position_hidden_states,
+        render,
+        tokenize,
+    )
+
+    engine = Engine(make_settings(tiny_model_folder(tmp_path, arch)))
+    inputs = tokenize(engine.tokenizer, render(engine.tokenizer, GOOD[:4]), "cpu")
+    assert (inputs["attention_mask"] == 0).any()  # left padding present
+    hooked = last_position_hidden_states(engine.model, inputs)
+    reference = all_hidden_states_at_last_position(engine.model, inputs)
+    assert hooked.shape == reference.shape == (4, engine.model.config.num_hidden_layers + 1, 32)
+    assert torch.equal(hooked, reference)
+
+
+def test_hook_capture_falls_back_when_the_head_rescales_its_input(tmp_path):
+    from heretic_dist.engine.residuals import all_hidden_states_at_last_position, render, residual_sums, tokenize
+
+    engine = Engine(make_settings(tiny_model_folder(tmp_path, "llama")))
+    # like models that scale the final hidden state before the output head
+    engine.model.get_output_embeddings().register_forward_pre_hook(lambda module, args: (args[0] * 2.0,))
+    sums, count = residual_sums(engine.model, engine.tokenizer, GOOD[:3], "", 8, 1.0)
+    assert engine.model._hook_capture_ok is False
+    inputs = tokenize(engine.tokenizer, render(engine.tokenizer, GOOD[:3]), "cpu")
+    expected = all_hidden_states_at_last_position(engine.model, inputs).sum(dim=0, dtype=torch.float64)
+    assert count == 3 and torch.allclose(sums, expected)

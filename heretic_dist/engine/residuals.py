@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from os.path import commonprefix
 from typing import Callable, Iterator
 
@@ -10,6 +11,8 @@ import torch.nn.functional as F
 
 from .ablation import winsorize
 from .types import Prompt
+
+log = logging.getLogger(__name__)
 
 
 def render(tokenizer, prompts: list[Prompt], response_prefix: str = "") -> list[str]:
@@ -38,17 +41,44 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def last_position_hidden_states(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Hidden states at the last prompt position for every row (embedding + each layer), float32.
+    """Hidden states at the last prompt position for every row, float32: (batch, L+1, d).
 
-    Returns (batch, L+2, d).
+    The rows are what output_hidden_states=True returns at that position (the input of layer 0,
+    the output of layers 0..L-2, and the final normed state), but hooks keep only the last
+    position instead of L+1 full (batch, tokens, d) tensors. The final normed state is the input
+    of the output head, which logits_to_keep=1 already cuts to the last position.
     """
-    out = model(
-        **inputs,
-        position_ids=position_ids(inputs["attention_mask"]),
-        output_hidden_states=True,
-        use_cache=False,
-        logits_to_keep=1,  # the lm_head over every position would cost more than the layers
-    )
+    from .components import decoder_layers
+
+    _, layers = decoder_layers(model)
+    rows: list[torch.Tensor | None] = [None] * (len(layers) + 1)
+
+    def keep(index: int, hidden: torch.Tensor) -> None:
+        rows[index] = hidden[:, -1, :].to(torch.float32)
+
+    def first_input(module, args, kwargs):
+        keep(0, kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+
+    def layer_output(index: int):
+        return lambda module, args, output: keep(index + 1, output[0] if isinstance(output, tuple) else output)
+
+    handles = [layers[0].register_forward_pre_hook(first_input, with_kwargs=True)]
+    handles += [layer.register_forward_hook(layer_output(i)) for i, layer in enumerate(layers[:-1])]
+    handles.append(model.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: keep(len(layers), args[0])))
+    try:
+        model(**inputs, position_ids=position_ids(inputs["attention_mask"]), use_cache=False, logits_to_keep=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack(rows, dim=1)
+
+
+@torch.inference_mode()
+def all_hidden_states_at_last_position(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The same rows through output_hidden_states=True (every position of every layer kept)."""
+    out = model(**inputs, position_ids=position_ids(inputs["attention_mask"]), output_hidden_states=True,
+                use_cache=False, logits_to_keep=1)
     return torch.stack([h[:, -1, :] for h in out.hidden_states], dim=1).to(torch.float32)
 
 
@@ -64,14 +94,32 @@ def first_token_logprobs(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor
     return F.log_softmax(out.logits[:, -1, :].to(torch.float32), dim=-1)
 
 
+def hooks_capture_correctly(model, tokenizer) -> bool:
+    """Checked once per model on two short prompts: an architecture whose output head does not take
+    the final hidden state as it is (e.g. one that rescales it first) falls back to output_hidden_states."""
+    verdict = getattr(model, "_hook_capture_ok", None)
+    if verdict is None:
+        inputs = tokenize(tokenizer, ["Hello", "The quick brown fox"], model.device)
+        hooked = last_position_hidden_states(model, inputs)
+        reference = all_hidden_states_at_last_position(model, inputs)
+        verdict = hooked.shape == reference.shape and torch.allclose(hooked, reference, rtol=1e-4, atol=1e-5)
+        if not verdict:
+            log.warning("hook capture differs from output_hidden_states for %s; using the latter",
+                        type(model).__name__)
+        model._hook_capture_ok = verdict
+    return verdict
+
+
 def residual_sums(
     model, tokenizer, prompts: list[Prompt], response_prefix: str, batch_size: int, quantile: float
 ) -> tuple[torch.Tensor, int]:
-    """Float64 sums of (winsorized) first-token residuals over prompts: (L+2, d), count."""
+    """Float64 sums of (winsorized) first-token residuals over prompts: (L+1, d), count."""
     total = None
+    capture = last_position_hidden_states if hooks_capture_correctly(model, tokenizer) else \
+        all_hidden_states_at_last_position
     for batch in batches(prompts, batch_size):
         inputs = tokenize(tokenizer, render(tokenizer, batch, response_prefix), model.device)
-        residuals = winsorize(last_position_hidden_states(model, inputs), quantile)
+        residuals = winsorize(capture(model, inputs), quantile)
         part = residuals.sum(dim=0, dtype=torch.float64).cpu()
         total = part if total is None else total + part
     if total is None:
