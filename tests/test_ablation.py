@@ -153,3 +153,15 @@ def test_winsorize_clamps_to_quantile():
     assert (y.abs() <= t + 1e-6).all()
     assert torch.equal(winsorize(x, 1.0), x)
     assert math.isclose(float(y[0, 0, 0]), float(t[0, 0, 0]), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["none", "pre", "full"])
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40)])
+def test_batched_factors_equal_per_module_factors(mode, shape):
+    """A stack of same-shape modules (a layer's experts) in one call gives each module its own factors."""
+    experts, v = torch.randn(5, *shape) * 0.1, unit(shape[0])
+    A, B = lora_factors(experts, v, 0.8, mode, rank=3, seed=5)
+    for i in range(5):
+        A_i, B_i = lora_factors(experts[i], v, 0.8, mode, rank=3, seed=5)
+        assert A[i].shape == A_i.shape and B[i].shape == B_i.shape
+        torch.testing.assert_close(B[i] @ A[i], B_i @ A_i, rtol=1e-4, atol=1e-6)

@@ -100,17 +100,20 @@ def lora_factors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LoRA factors (A: r x d_in, B: d_out x r) so that W + B A is the ablated weight.
 
-    weight is float32 (d_out x d_in), v a unit vector in the output space, w the tent weight.
+    weight is float32 (d_out x d_in), or a stack (..., d_out, d_in) of modules that share v and w
+    (e.g. one layer's experts: one batched call instead of one per module); v is a unit vector in
+    the output space, w the tent weight. Batched factors equal the per-module ones.
     """
+    b = (-w * v)[:, None].expand(*weight.shape[:-2], -1, 1)
     if row_normalization == "none":
-        return (v @ weight).view(1, -1), (-w * v).view(-1, 1)
+        return (v @ weight)[..., None, :], b
     if row_normalization == "full":
         return full_normalization_factors(weight, v, w, rank, seed)
     if row_normalization != "pre":
         raise ValueError(f"unknown row_normalization {row_normalization!r}")
-    norms = torch.linalg.vector_norm(weight, dim=1, keepdim=True)
-    a = (v @ F.normalize(weight, p=2, dim=1)).view(1, -1)
-    return a, norms * (-w * v).view(-1, 1)
+    norms = torch.linalg.vector_norm(weight, dim=-1, keepdim=True)
+    a = (v @ F.normalize(weight, p=2, dim=-1))[..., None, :]
+    return a, norms * b
 
 
 def full_normalization_factors(
@@ -118,6 +121,7 @@ def full_normalization_factors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-`rank` factors of delta = normalize_rows(U + b a) * norms - W, the seeded randomized SVD
     (torch.svd_lowrank, q = 2 rank + 4, 6 power iterations), without building any d_out x d_in matrix.
+    weight may be a stack (..., d_out, d_in); every module then gets the factors it would get alone.
 
     With unit rows U = diag(1/norms) W, a = v U and b = -w v, the edited weight is
     diag(norms/n) (U + b a) where n holds the row norms of U + b a, so
@@ -126,21 +130,23 @@ def full_normalization_factors(
     (same random draws, same orientation), run through those products. The products are ordered
     so that the big matrix is the second operand, which this CPU's GEMM handles 2-3x faster.
     """
-    norms = torch.linalg.vector_norm(weight, dim=1).clamp_min(1e-12)  # F.normalize's eps
-    a = (v / norms) @ weight  # v U
+    raw_norms = torch.linalg.vector_norm(weight, dim=-1)
+    norms = raw_norms.clamp_min(1e-12)  # F.normalize's eps
+    a = ((v / norms)[..., None, :] @ weight)[..., 0, :]  # v U
     b = -w * v
-    u_dot_a = (weight @ a) / norms
-    unit_sq = (torch.linalg.vector_norm(weight, dim=1) / norms) ** 2  # 1, or 0 for a zero row
-    n = torch.sqrt((unit_sq + 2 * b * u_dot_a + b * b * (a @ a)).clamp_min(0)).clamp_min(1e-12)
-    scale, h = 1 / n - 1, norms * b / n
+    u_dot_a = (weight @ a[..., None])[..., 0] / norms
+    unit_sq = (raw_norms / norms) ** 2  # 1, or 0 for a zero row
+    a_sq = (a * a).sum(dim=-1, keepdim=True)
+    n = torch.sqrt((unit_sq + 2 * b * u_dot_a + b * b * a_sq).clamp_min(0)).clamp_min(1e-12)
+    scale, h = (1 / n - 1)[..., None], (norms * b / n)[..., None]  # (..., d_out, 1)
 
-    def times(x: torch.Tensor) -> torch.Tensor:  # delta @ x, x: (d_in, k)
-        return scale[:, None] * (x.T @ weight.T).T + h[:, None] * (a @ x)[None, :]
+    def times(x: torch.Tensor) -> torch.Tensor:  # delta @ x, x: (..., d_in, k)
+        return scale * (x.mT @ weight.mT).mT + h * (a[..., None, :] @ x)
 
-    def times_t(y: torch.Tensor) -> torch.Tensor:  # delta.T @ y, y: (d_out, k)
-        return ((scale[:, None] * y).T @ weight).T + a[:, None] * (h @ y)[None, :]
+    def times_t(y: torch.Tensor) -> torch.Tensor:  # delta.T @ y, y: (..., d_out, k)
+        return ((scale * y).mT @ weight).mT + a[..., :, None] * (h.mT @ y)
 
-    m, d_in = weight.shape
+    m, d_in = weight.shape[-2:]
     tall = m >= d_in  # torch.svd_lowrank works on the tall orientation
     mul, mul_t = (times, times_t) if tall else (times_t, times)
     q = 2 * rank + 4
@@ -150,11 +156,9 @@ def full_normalization_factors(
     for _ in range(6):
         basis = torch.linalg.qr(mul_t(basis)).Q
         basis = torch.linalg.qr(mul(basis)).Q
-    u, s, vh = torch.linalg.svd(mul_t(basis).T, full_matrices=False)
-    left, right = basis @ u, vh.T
+    u, s, vh = torch.linalg.svd(mul_t(basis).mT, full_matrices=False)
+    left, right = basis @ u, vh.mT
     if not tall:
         left, right = right, left
-    sqrt_s = torch.sqrt(s[:rank])
-    return sqrt_s[:, None] * right[:, :rank].T, left[:, :rank] * sqrt_s[None, :]
-
-
+    sqrt_s = torch.sqrt(s[..., :rank])
+    return sqrt_s[..., :, None] * right[..., :rank].mT, left[..., :rank] * sqrt_s[..., None, :]

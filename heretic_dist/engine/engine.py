@@ -237,14 +237,29 @@ class Engine:
                 if w == 0.0:
                     continue  # zero weight: no edit, skip the work
                 v = layer_direction(self.directions, params, layer_index)
-                for name, _ in modules:
-                    module = self._lora[name]
-                    weight = self._base_weight(name, module)
-                    weight = weight.view(weight.shape[0], -1)
-                    a, b = lora_factors(weight, v.to(weight.device), w, mode, self.rank, self.seed)
-                    lora_a, lora_b = module.lora_A["default"].weight, module.lora_B["default"].weight
-                    lora_a.data = a.to(device=lora_a.device, dtype=lora_a.dtype)
-                    lora_b.data = b.to(device=lora_b.device, dtype=lora_b.dtype)
+                for group in self._same_shape_groups(modules):
+                    # one batched call for modules that share a shape (a layer's experts)
+                    weights = [self._base_weight(name, self._lora[name]) for name in group]
+                    weights = [x.view(x.shape[0], -1) for x in weights]
+                    stacked = weights[0][None] if len(weights) == 1 else torch.stack(weights)
+                    a, b = lora_factors(stacked, v.to(stacked.device), w, mode, self.rank, self.seed)
+                    for i, name in enumerate(group):
+                        module = self._lora[name]
+                        lora_a, lora_b = module.lora_A["default"].weight, module.lora_B["default"].weight
+                        lora_a.data = a[i].to(device=lora_a.device, dtype=lora_a.dtype).contiguous()
+                        lora_b.data = b[i].to(device=lora_b.device, dtype=lora_b.dtype).contiguous()
+
+    def _same_shape_groups(self, modules: list[tuple[str, Any]], max_bytes: int = 256 << 20) -> list[list[str]]:
+        """Module names grouped by shape and device, each group's float32 stack at most max_bytes."""
+        groups: dict[tuple, list[str]] = {}
+        for name, _ in modules:
+            base = self._lora[name].base_layer
+            groups.setdefault((base.out_features, base.in_features, str(base.weight.device)), []).append(name)
+        chunks = []
+        for (d_out, d_in, _), names in groups.items():
+            per_chunk = max(1, max_bytes // (4 * d_out * d_in))
+            chunks += [names[i : i + per_chunk] for i in range(0, len(names), per_chunk)]
+        return chunks
 
     def edited_model(self, params: TrialParams | None):
         """The PEFT model with `params` applied (for export: plain forwards, so a merge is seen)."""
