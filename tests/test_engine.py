@@ -358,3 +358,40 @@ def test_hook_capture_falls_back_when_the_head_rescales_its_input(tmp_path):
     inputs = tokenize(engine.tokenizer, render(engine.tokenizer, GOOD[:3]), "cpu")
     expected = all_hidden_states_at_last_position(engine.model, inputs).sum(dim=0, dtype=torch.float64)
     assert count == 3 and torch.allclose(sums, expected)
+
+
+def test_common_prefix_bound_gives_the_full_replies_common_prefix():
+    """Replies cut once the bound says they settled have the common prefix of the full replies."""
+    import random
+
+    from heretic_dist.engine.residuals import CommonPrefixBound, common_prefix
+
+    rng, shortened = random.Random(0), 0
+    for case in range(300):
+        shared = "".join(rng.choice("ab ") for _ in range(rng.randint(0, 30)))
+        full = [shared + "".join(rng.choice("ab c") for _ in range(rng.randint(0, 40))) for _ in range(rng.randint(1, 6))]
+        bound, cut = CommonPrefixBound(slack=3), {}
+        for step in range(1, 80):  # every reply grows by one or two characters per step
+            for i, text in enumerate(full):
+                if i in cut:
+                    continue
+                partial = text[: step * (1 + i % 2)]
+                bound.update(i, partial)
+                if partial == text or bound.settled(i):
+                    cut[i] = partial
+        assert common_prefix(list(cut.values())) == common_prefix(full), case
+        shortened += sum(map(len, cut.values())) < sum(map(len, full))
+    assert shortened > 100  # the bound really cuts replies short
+
+
+def test_prefix_replies_settle_to_the_same_prefix(llama):
+    from heretic_dist.engine.residuals import common_prefix
+
+    engine = Engine(make_settings(llama, max_response_length=24))
+    prompts = GOOD + BAD
+    full = engine.responses(prompts)
+    cut = engine.prefix_replies(prompts)
+    assert common_prefix(cut) == common_prefix(full)
+    assert sum(map(len, cut)) < sum(map(len, full))  # it did stop early
+    engine.set_response_prefix("Sure thing")  # a prefix the replies continue from
+    assert common_prefix(engine.prefix_replies(prompts)) == common_prefix(engine.responses(prompts))

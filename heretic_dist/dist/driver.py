@@ -143,7 +143,7 @@ def _detect_prefix(pool, prompts, settings) -> str:
 
     def generate(prefix: str) -> list[str]:
         pool.set_response_prefix(prefix)
-        return [r for part in pool.map("responses", sample) for r in part]
+        return [r for part in pool.map("prefix_replies", sample) for r in part]
 
     return detect_response_prefix(generate, settings.chain_of_thought_skips)
 

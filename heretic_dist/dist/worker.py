@@ -105,6 +105,10 @@ class ModelWorker:
         with self._lock:
             return self._engine().responses(prompts, skip_special_tokens)
 
+    def prefix_replies(self, prompts: list[Prompt]) -> list[str]:
+        with self._lock:
+            return self._engine().prefix_replies(prompts)
+
     def set_response_prefix(self, prefix: str) -> None:
         with self._lock:
             self._engine().set_response_prefix(prefix)

@@ -166,10 +166,17 @@ class Engine:
             self.model, self.tokenizer, prompts, self.response_prefix,
             self.settings.max_response_length, b, skip_special_tokens))
 
+    def prefix_replies(self, prompts: list[Prompt], response_prefix: str | None = None) -> list[str]:
+        """Replies (special tokens kept) generated just far enough that their common prefix is the
+        one of the full replies: most stop after a few tokens, once two replies differ."""
+        prefix = self.response_prefix if response_prefix is None else response_prefix
+        return self._with_batch("generate", lambda b: passes.generate_replies(
+            self.model, self.tokenizer, prompts, prefix, self.settings.max_response_length, b,
+            False, settle=passes.CommonPrefixBound()))
+
     def detect_response_prefix(self, prompts: list[Prompt]) -> str:
         def generate(prefix: str) -> list[str]:
-            return self._with_batch("generate", lambda b: passes.generate_replies(
-                self.model, self.tokenizer, prompts, prefix, self.settings.max_response_length, b, False))
+            return self.prefix_replies(prompts, prefix)
 
         return passes.detect_response_prefix(generate, self.settings.chain_of_thought_skips)
 

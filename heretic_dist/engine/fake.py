@@ -102,6 +102,9 @@ class FakeEngine:
         time.sleep(self.prompt_seconds * len(prompts))
         return [f"{self.prefix}Fake reply to: {p.user}" for p in prompts]
 
+    def prefix_replies(self, prompts: list[Prompt]) -> list[str]:
+        return self.responses(prompts)
+
     def set_response_prefix(self, prefix: str) -> None:
         self.prefix = prefix
 

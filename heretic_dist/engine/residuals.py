@@ -154,14 +154,19 @@ def generate_replies(
     batch_size: int,
     skip_special_tokens: bool,
     stop_when: Callable[[str], bool] | None = None,
+    settle: CommonPrefixBound | None = None,
 ) -> list[str]:
-    """Greedy replies. With stop_when, a reply stops growing once stop_when(reply so far) holds."""
+    """Greedy replies. With stop_when, a reply stops growing once stop_when(reply so far) holds.
+    With settle, replies stop once their common prefix is known (they are then cut short)."""
     replies: list[str] = []
     for batch in batches(prompts, batch_size):
         inputs = tokenize(tokenizer, render(tokenizer, batch, response_prefix), model.device)
         kwargs = {}
         if stop_when is not None:
             kwargs["stopping_criteria"] = [_DecidedCriteria(tokenizer, inputs["input_ids"].shape[1], stop_when)]
+        if settle is not None:
+            kwargs["stopping_criteria"] = [_PrefixSettledCriteria(
+                tokenizer, inputs["input_ids"].shape[1], settle, len(replies), skip_special_tokens)]
         out = model.generate(
             **inputs,
             max_new_tokens=max_new_tokens,
@@ -191,6 +196,52 @@ class _DecidedCriteria:
         for i, text in enumerate(texts):
             done[i] = self.decided(text)
         return done
+
+
+class CommonPrefixBound:
+    """Knows, while replies are generated, when more tokens can no longer change their common prefix.
+
+    A reply's text without its last `slack` characters (and any unfinished UTF-8 character) is
+    stable: later tokens cannot change it. Once two stable texts differ at position p, the common
+    prefix of the finished replies ends at or before p, so a reply whose stable text already
+    reaches p has settled: whatever it generates next lies beyond every character that matters.
+    Replies returned cut short this way have the same common prefix as the full ones.
+    """
+
+    def __init__(self, slack: int = 8):
+        self.slack = slack
+        self.stable: dict[int, str] = {}
+
+    def update(self, key: int, text: str) -> None:
+        text = text.rstrip("\ufffd")
+        self.stable[key] = text[: max(0, len(text) - self.slack)]
+
+    def bound(self) -> float:
+        """The common prefix of all replies ends at or before this position (inf: not known yet)."""
+        texts = list(self.stable.values())
+        n = len(commonprefix(texts))
+        return n if len({t[n] for t in texts if len(t) > n}) >= 2 else float("inf")
+
+    def settled(self, key: int) -> bool:
+        return len(self.stable.get(key, "")) >= self.bound()
+
+
+class _PrefixSettledCriteria:
+    """A generate() stopping criterion that marks rows done once their common prefix is settled."""
+
+    def __init__(self, tokenizer, prompt_length: int, bound: CommonPrefixBound, offset: int,
+                 skip_special_tokens: bool):
+        self.tokenizer, self.prompt_length, self.bound = tokenizer, prompt_length, bound
+        self.offset, self.skip_special_tokens = offset, skip_special_tokens
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :],
+                                            skip_special_tokens=self.skip_special_tokens)
+        for i, text in enumerate(texts):
+            self.bound.update(self.offset + i, text)
+        limit = self.bound.bound()
+        return torch.tensor([len(self.bound.stable[self.offset + i]) >= limit for i in range(len(texts))],
+                            dtype=torch.bool, device=input_ids.device)
 
 
 def common_prefix(responses: list[str]) -> str:
