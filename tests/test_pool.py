@@ -129,6 +129,18 @@ def test_health_answers_while_a_trial_runs(ray_cluster):
             assert ray.get(ref).bad_scored == 20
 
 
+def test_engine_calls_run_on_one_thread(ray_cluster):
+    """Calls alternating between threads made torch's thread pools ~30% slower: one thread for them."""
+    import threading
+
+    with make_pool({}, n=1) as pool:
+        with pool.lease(1) as lease:
+            actor = lease.workers[0].actor
+            threads = {ray.get(actor.__ray_call__.remote(lambda self: threading.get_ident())) for _ in range(8)}
+            assert len(threads) == 1
+            ray.get(actor.run_trial.remote(PARAMS, Shard(0, 1)))
+
+
 def test_lease_blocks_and_times_out_and_too_many_losses_fail(ray_cluster):
     with make_pool({"fake_trial_seconds": 0.6}) as pool:
         with pool.lease(2):

@@ -113,7 +113,7 @@ class WorkerBroker:
         self.n_workers = n_workers
         self.worker_options = worker_options
         self.health_timeout_s = health_timeout_s
-        self.remote_cls = ray.remote(ModelWorker).options(**worker_options)
+        self.remote_cls = ray.remote(concurrency_groups={"status": 1})(ModelWorker).options(**worker_options)
         self.ids = itertools.count()
         self.workers: dict[str, Any] = {}  # alive (or believed alive) workers
         self.free: list[str] = []
@@ -400,7 +400,6 @@ class WorkerPool:
         gpus_per_worker: float = 0.0,
         resources: dict[str, float] | None = None,
         *,
-        max_concurrency: int = 2,
         scheduling_strategy: str | None = None,
         check_resources: bool = True,
         start_timeout_s: float | None = None,
@@ -416,8 +415,10 @@ class WorkerPool:
             "num_gpus": gpus_per_worker,
             "max_restarts": 0,
             "max_task_retries": 0,
-            # >1 so that health() answers while a trial runs (engine calls hold a lock in the worker)
-            "max_concurrency": max_concurrency,
+            # engine calls run one at a time on one thread: calls that alternate between threads
+            # made torch's thread pools (OpenMP, oneDNN) ~30% slower; health() and info() have a
+            # thread of their own so they answer while a trial runs
+            "max_concurrency": 1,
         }
         if resources:
             worker_options["resources"] = dict(resources)

@@ -15,6 +15,8 @@ import traceback
 import uuid
 from typing import Any
 
+import ray
+
 from heretic_dist.engine.types import PartialResult, Prompt, Shard, TrialParams
 
 SETTINGS_CLASS_KEY = "__settings_class__"
@@ -63,7 +65,7 @@ class ModelWorker:
         self.loads = 0
         self.load_seconds = 0.0
         self.trials_run = 0
-        self._lock = threading.Lock()  # health() may run beside a trial; engine calls are serialized
+        self._lock = threading.Lock()  # engine calls are serialized (health() runs on its own thread)
         self.engine: Any = None
         self._info: dict[str, Any] = {}
         # A load error is kept and reported by health() instead of raised: a constructor exception would
@@ -81,6 +83,7 @@ class ModelWorker:
             self.loads += 1
         self.load_seconds = time.perf_counter() - start
 
+    @ray.method(concurrency_group="status")
     def health(self) -> dict[str, Any]:
         return {
             "error": self.load_error,
@@ -93,6 +96,7 @@ class ModelWorker:
             "trials_run": self.trials_run,
         }
 
+    @ray.method(concurrency_group="status")
     def info(self) -> dict[str, Any]:
         return dict(self._info)
 
