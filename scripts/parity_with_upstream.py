@@ -132,6 +132,8 @@ def run_upstream(args, folder: Path, out_dir: Path) -> dict:
     else:
         cfg.write_text(cfg_text)
         log(f"running upstream Heretic 1.4.0 ({args.trials} trials) in {run_dir}")
+        # the phase watcher reads heretic.log: a previous run's log would show every phase at once
+        (run_dir / "heretic.log").unlink(missing_ok=True)
         proc = subprocess.Popen(["bash", str(SCRIPTS / "upstream-heretic.sh"), str(cfg), str(run_dir)],
                                 stdout=subprocess.PIPE, text=True)
         phases_done = watch_phases(proc, run_dir / "heretic.log")
