@@ -126,31 +126,14 @@ def _merge(defaults: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
-    from .config import tomllib
-
-    source = str(path)
-    if not path.is_file():
-        raise UserError(f"{'manifest not found' if not path.exists() else 'manifest path is not a file'}: {source}")
-    try:
-        raw = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{source} is not UTF-8 text (bad byte at offset {e.start})") from None
-    except OSError as e:
-        raise UserError(f"cannot read manifest {source}: {e.strerror or e}") from None
-    try:
-        return tomllib.loads(raw)
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"invalid TOML in {source}: {e}") from None
-
-
 def load_manifest(path: str | Path, *, check_prompts: bool = True) -> Manifest:
     """Read and validate a batch manifest: every model's merged settings, names, duplicates, and (with
     check_prompts) every distinct prompt set. Raises one-line UserErrors naming the entry."""
-    from .config import Settings, _check_keys, _dotted_keys, _resolve_dataset_paths, _suggest, _validate
+    from .config import (Settings, _check_keys, _dotted_keys, _resolve_dataset_paths, _suggest, _validate,
+                         read_toml_file)
 
     path = Path(path)
-    data = _read_toml(path)
+    data = read_toml_file(path, "manifest")
     src = str(path)
     base = path.resolve().parent
     for key in data:

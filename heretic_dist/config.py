@@ -291,6 +291,24 @@ IGNORED_PROMPT_SET_KEYS = ("residual_plot_label", "residual_plot_color")
 # Loading
 
 
+def read_toml_file(path: Path, kind: str) -> dict[str, Any]:
+    """A TOML file as a dict; every problem (missing, not a file, not UTF-8, unreadable, bad TOML) is
+    one UserError naming the file. kind names it in messages ("config", "manifest")."""
+    source = str(path)
+    if not path.is_file():
+        raise UserError(f"{kind} {'file not found' if not path.exists() else 'path is not a file'}: {source}")
+    try:
+        raw = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{source} is not UTF-8 text (bad byte at offset {e.start})") from None
+    except OSError as e:
+        raise UserError(f"cannot read {kind} file {source}: {e.strerror or e}") from None
+    try:
+        return tomllib.loads(raw)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"invalid TOML in {source}: {e}") from None
+
+
 def load_settings(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Settings:
     """Read a TOML config (or none), apply dotted-key overrides, validate.
 
@@ -300,19 +318,7 @@ def load_settings(path: str | Path | None, overrides: dict[str, Any] | None = No
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            what = "config file not found" if not p.exists() else "config path is not a file"
-            raise UserError(f"{what}: {source}")
-        try:
-            raw = p.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise UserError(f"{source} is not UTF-8 text (bad byte at offset {e.start})") from None
-        except OSError as e:
-            raise UserError(f"cannot read config file {source}: {e.strerror or e}") from None
-        try:
-            data = tomllib.loads(raw)
-        except tomllib.TOMLDecodeError as e:
-            raise UserError(f"invalid TOML in {source}: {e}") from None
+        data = read_toml_file(p, "config")
         _check_keys(data, source)
         _resolve_dataset_paths(data, p.parent)
 
