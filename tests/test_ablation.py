@@ -13,6 +13,7 @@ from heretic_dist.engine.ablation import (
     layer_weight,
     full_normalization_factors,
     lora_factors,
+    reference_full_normalization_factors,
     winsorize,
 )
 from heretic_dist.engine.types import ComponentParams
@@ -68,16 +69,6 @@ def test_full_formula_and_rank():
     assert torch.equal(A, A2) and torch.equal(B, B2)
 
 
-def reference_full_factors(W, v, w, rank, seed):
-    """ALGORITHM.md's full normalization written out: build the edited matrix, then svd_lowrank."""
-    norms = W.norm(dim=1, keepdim=True)
-    unit_rows = F.normalize(W, p=2, dim=1)
-    edited = F.normalize(unit_rows - w * torch.outer(v, v @ unit_rows), p=2, dim=1) * norms
-    torch.manual_seed(seed)
-    u, s, vv = torch.svd_lowrank(edited - W, q=2 * rank + 4, niter=6)
-    return torch.sqrt(s[:rank])[:, None] * vv[:, :rank].T, u[:, :rank] * torch.sqrt(s[:rank])[None, :]
-
-
 @pytest.mark.parametrize("shape", [(48, 48), (40, 120), (120, 40)])
 @pytest.mark.parametrize("w", [0.05, 0.9, 1.5])
 def test_full_factors_match_the_written_out_reference(shape, w):
@@ -85,7 +76,7 @@ def test_full_factors_match_the_written_out_reference(shape, w):
     W, v = torch.randn(*shape) * 0.05, unit(shape[0])
     W[3] = 0.0  # a zero row stays zero, as F.normalize leaves it
     A, B = full_normalization_factors(W, v, w, 3, seed=11)
-    A_ref, B_ref = reference_full_factors(W, v, w, 3, seed=11)
+    A_ref, B_ref = reference_full_normalization_factors(W, v, w, 3, seed=11)
     delta, delta_ref = B @ A, B_ref @ A_ref
     assert (delta - delta_ref).norm() / delta_ref.norm() < 1e-4
     assert delta[3].abs().max() < 1e-6 * delta.abs().max()  # the zero row stays (numerically) zero

@@ -162,3 +162,17 @@ def full_normalization_factors(
         left, right = right, left
     sqrt_s = torch.sqrt(s[..., :rank])
     return sqrt_s[..., :, None] * right[..., :rank].mT, left[..., :rank] * sqrt_s[..., None, :]
+
+
+def reference_full_normalization_factors(
+    weight: torch.Tensor, v: torch.Tensor, w: float, rank: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ALGORITHM.md's full normalization written out: build the edited matrix, then svd_lowrank.
+    Slow; the reference full_normalization_factors is tested and benchmarked against."""
+    norms = weight.norm(dim=1, keepdim=True)
+    unit_rows = F.normalize(weight, p=2, dim=1)
+    edited = F.normalize(unit_rows - w * torch.outer(v, v @ unit_rows), p=2, dim=1) * norms
+    torch.manual_seed(seed)
+    u, s, vv = torch.svd_lowrank(edited - weight, q=2 * rank + 4, niter=6)
+    sqrt_s = torch.sqrt(s[:rank])
+    return sqrt_s[:, None] * vv[:, :rank].T, u[:, :rank] * sqrt_s[None, :]
