@@ -228,21 +228,8 @@ def run_upstream(args, folder: Path, out_dir: Path) -> dict:
 
 
 def ours_config(args, gguf: Path) -> str:
-    q = json.dumps
-    lines = [
-        "# heretic-dist config written by scripts/bench_vs_upstream.py (same settings as upstream's)",
-        f"model = {q(str(gguf))}",
-        'dtypes = ["float32"]',
-        'device_map = "cpu"',
-        f"batch_size = {args.batch_size}",
-        f"max_response_length = {args.max_response_length}",
-        f"n_trials = {args.trials}",
-        f"n_startup_trials = {args.trials}",
-        f"seed = {args.seed}",
-    ]
-    for key, (path, split) in par.prompt_sets(args).items():
-        lines += ["", f"[{key}]", f"dataset = {q(path)}", f"split = {q(split)}"]
-    return "\n".join(lines) + "\n"
+    return par.config_text(
+        args, gguf, "# heretic-dist config written by scripts/bench_vs_upstream.py (same settings as upstream's)")
 
 
 def run_ours_cli(args, gguf: Path, out_dir: Path, workers: int, cpus: float) -> dict:

@@ -102,11 +102,12 @@ def prompt_sets(args) -> dict[str, tuple[str, str]]:
     }
 
 
-def upstream_config(args, folder: Path) -> str:
+def config_text(args, model: Path, header: str, extra: tuple[str, ...] = ()) -> str:
+    """The shared settings both tools run with, as TOML (upstream's key names, which ours reads)."""
     q = json.dumps  # TOML basic strings accept JSON string escapes for these plain values
     lines = [
-        "# upstream Heretic 1.4.0 config written by scripts/parity_with_upstream.py",
-        f"model = {q(str(folder))}",
+        header,
+        f"model = {q(str(model))}",
         'dtypes = ["float32"]',
         'device_map = "cpu"',
         f"batch_size = {args.batch_size}",
@@ -114,11 +115,16 @@ def upstream_config(args, folder: Path) -> str:
         f"n_trials = {args.trials}",
         f"n_startup_trials = {args.trials}",
         f"seed = {args.seed}",
-        'export_strategy = "adapter"',
+        *extra,
     ]
     for key, (path, split) in prompt_sets(args).items():
         lines += ["", f"[{key}]", f"dataset = {q(path)}", f"split = {q(split)}"]
     return "\n".join(lines) + "\n"
+
+
+def upstream_config(args, folder: Path) -> str:
+    return config_text(args, folder, "# upstream Heretic 1.4.0 config written by scripts/parity_with_upstream.py",
+                       ('export_strategy = "adapter"',))
 
 
 def run_upstream(args, folder: Path, out_dir: Path) -> dict:
