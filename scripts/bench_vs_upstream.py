@@ -233,7 +233,7 @@ def ours_config(args, gguf: Path) -> str:
 
 
 def run_ours_cli(args, gguf: Path, out_dir: Path, workers: int, cpus: float) -> dict:
-    from heretic_dist import storage as st
+    from heretic_dist import rundir as st
 
     label = f"{workers}x{cpus:g}"
     cfg = out_dir / "ours-config.toml"

@@ -16,9 +16,9 @@ from pathlib import Path
 import optuna
 import pytest
 
-from heretic_dist import storage as st
+from heretic_dist import rundir as st
 from heretic_dist.batch import STATE, SUMMARY, check_fit, derive_name, load_manifest, read_summary
-from heretic_dist.dist.search import open_storage
+from heretic_dist.distributed.search import open_storage
 from heretic_dist.errors import UserError
 
 slow = pytest.mark.slow
@@ -55,7 +55,7 @@ def write_manifest(tmp_path: Path, models: str, defaults: str = DEFAULTS) -> Pat
 
 
 def batch_cli(*args: str, fake: dict | None = None) -> subprocess.Popen:
-    env = dict(os.environ, HERETIC_DIST_ENGINE="heretic_dist.engine.fake:FakeEngine",
+    env = dict(os.environ, HERETIC_DIST_ENGINE="heretic_dist.testing.fake:FakeEngine",
                HERETIC_DIST_FAKE=json.dumps(fake or {}), PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, "-m", "heretic_dist.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)

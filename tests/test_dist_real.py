@@ -13,12 +13,12 @@ from test_engine import BAD, GOOD, make_settings
 from tiny_models import tiny_model_folder
 from transformers import AutoModelForCausalLM
 
-from heretic_dist import storage as st
-from heretic_dist.dist.pool import WorkerPool, quiet_ray_env
-from heretic_dist.dist.search import reduce_partials
+from heretic_dist import rundir as st
+from heretic_dist.distributed.pool import WorkerPool, quiet_ray_env
+from heretic_dist.distributed.search import reduce_partials
 from heretic_dist.engine.ablation import decode_trial_params, directions_from_sums
 from heretic_dist.engine.engine import Engine
-from heretic_dist.engine.residuals import render, tokenize
+from heretic_dist.engine.passes import render, tokenize
 from heretic_dist.engine.types import Shard
 
 pytestmark = pytest.mark.slow

@@ -17,8 +17,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from heretic_dist import storage as st
-from heretic_dist.dist.search import open_storage
+from heretic_dist import rundir as st
+from heretic_dist.distributed.search import open_storage
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,7 @@ def write_config(tmp_path: Path, n_trials: int) -> Path:
 
 def cli(config: Path, run_dir: Path | str, *extra: str, trial_seconds: float = 0.0, cwd: Path | None = None,
         env: dict[str, str] | None = None) -> subprocess.Popen:
-    env = dict(os.environ, HERETIC_DIST_ENGINE="heretic_dist.engine.fake:FakeEngine",
+    env = dict(os.environ, HERETIC_DIST_ENGINE="heretic_dist.testing.fake:FakeEngine",
                HERETIC_DIST_FAKE=json.dumps({"fake_trial_seconds": trial_seconds}), PYTHONUNBUFFERED="1",
                **(env or {}))
     return subprocess.Popen(

@@ -13,7 +13,7 @@ from heretic_dist.config import Settings
 from heretic_dist.engine.ablation import decode_trial_params, directions_from_sums, layer_weight
 from heretic_dist.engine.components import find_components
 from heretic_dist.engine.engine import Engine
-from heretic_dist.engine.residuals import detect_response_prefix
+from heretic_dist.engine.passes import detect_response_prefix
 from heretic_dist.engine.scoring import MarkerRefusalScorer, objective_values
 from heretic_dist.engine.types import Prompt, Shard
 from heretic_dist.errors import UserError
@@ -331,7 +331,7 @@ def test_kl_gate_scores_far_trials_as_refusing_everything(llama):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_hook_capture_equals_output_hidden_states(tmp_path, arch):
     """Residuals through hooks (last position only) equal output_hidden_states, padding included."""
-    from heretic_dist.engine.residuals import (
+    from heretic_dist.engine.passes import (
         all_hidden_states_at_last_position,
         last_position_hidden_states,
         render,
@@ -348,7 +348,7 @@ def test_hook_capture_equals_output_hidden_states(tmp_path, arch):
 
 
 def test_hook_capture_falls_back_when_the_head_rescales_its_input(tmp_path):
-    from heretic_dist.engine.residuals import all_hidden_states_at_last_position, render, residual_sums, tokenize
+    from heretic_dist.engine.passes import all_hidden_states_at_last_position, render, residual_sums, tokenize
 
     engine = Engine(make_settings(tiny_model_folder(tmp_path, "llama")))
     # like models that scale the final hidden state before the output head
@@ -364,7 +364,7 @@ def test_common_prefix_bound_gives_the_full_replies_common_prefix():
     """Replies cut once the bound says they settled have the common prefix of the full replies."""
     import random
 
-    from heretic_dist.engine.residuals import CommonPrefixBound, common_prefix
+    from heretic_dist.engine.passes import CommonPrefixBound, common_prefix
 
     rng, shortened = random.Random(0), 0
     for case in range(300):
@@ -385,7 +385,7 @@ def test_common_prefix_bound_gives_the_full_replies_common_prefix():
 
 
 def test_prefix_replies_settle_to_the_same_prefix(llama):
-    from heretic_dist.engine.residuals import common_prefix
+    from heretic_dist.engine.passes import common_prefix
 
     engine = Engine(make_settings(llama, max_response_length=24))
     prompts = GOOD + BAD

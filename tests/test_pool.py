@@ -10,13 +10,13 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from heretic_dist.dist.pool import PoolError, WorkerPool, WorkerStartError, quiet_ray_env  # noqa: E402
-from heretic_dist.dist.worker import ModelWorker  # noqa: E402
-from heretic_dist.engine.fake import FakeEngine  # noqa: E402
+from heretic_dist.distributed.pool import PoolError, WorkerPool, WorkerStartError, quiet_ray_env  # noqa: E402
+from heretic_dist.distributed.worker import ModelWorker  # noqa: E402
+from heretic_dist.testing.fake import FakeEngine  # noqa: E402
 from heretic_dist.engine.types import Prompt, Shard  # noqa: E402
 from heretic_dist.errors import UserError  # noqa: E402
 
-FAKE = "heretic_dist.engine.fake:FakeEngine"
+FAKE = "heretic_dist.testing.fake:FakeEngine"
 PARAMS = {
     "direction_scope": "global",
     "direction_index": 3.2,

@@ -14,7 +14,7 @@ from heretic_dist.engine.ablation import decode_trial_params
 from heretic_dist.engine.types import COMPONENTS
 from heretic_dist.errors import UserError
 from heretic_dist.report import load_run, pareto_front, write_batch_report, write_report
-from heretic_dist.storage import RunDir
+from heretic_dist.rundir import RunDir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

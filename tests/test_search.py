@@ -12,7 +12,7 @@ import optuna
 import pytest
 import torch
 
-from heretic_dist.dist.search import (
+from heretic_dist.distributed.search import (
     SearchSpec,
     TrialSetup,
     evaluate_trial,
@@ -24,7 +24,7 @@ from heretic_dist.dist.search import (
 )
 from heretic_dist.engine.types import PartialResult
 
-FAKE = "heretic_dist.engine.fake:FakeEngine"
+FAKE = "heretic_dist.testing.fake:FakeEngine"
 N_LAYERS = 8  # FakeEngine default
 
 
@@ -94,7 +94,7 @@ def test_reduce_partials():
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray")
-    from heretic_dist.dist.pool import quiet_ray_env
+    from heretic_dist.distributed.pool import quiet_ray_env
 
     quiet_ray_env()
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2,
@@ -106,7 +106,7 @@ def ray_cluster():
 
 
 def make_pool(settings: dict | None = None):
-    from heretic_dist.dist.pool import WorkerPool
+    from heretic_dist.distributed.pool import WorkerPool
 
     pool = WorkerPool(FAKE, settings or {}, n_workers=2, cpus_per_worker=1.0)
     pool.set_directions(torch.randn(N_LAYERS + 2, 16))

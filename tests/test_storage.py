@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from heretic_dist import storage
+from heretic_dist import rundir
 from heretic_dist.errors import UserError
-from heretic_dist.storage import (
+from heretic_dist.rundir import (
     RunDir,
     RunLock,
     load_directions,
@@ -271,7 +271,7 @@ def test_error_messages_are_redacted(monkeypatch: pytest.MonkeyPatch) -> None:
 HOLDER = textwrap.dedent(
     """
     import sys, time
-    from heretic_dist.storage import RunDir, RunLock
+    from heretic_dist.rundir import RunDir, RunLock
     with RunLock(RunDir(sys.argv[1])):
         print("locked", flush=True)
         time.sleep(300)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from . import residuals as passes
+from . import passes
 from .ablation import layer_direction, layer_weight, lora_factors
 from .components import LayerComponents, find_components
 from .loading import load_model

@@ -231,6 +231,12 @@ class Settings(BaseModel):
         description="On CPU, keep float32 linear weights also in oneDNN's prepacked layout: forwards "
         "2-3x faster for one more copy of those weights in memory (skipped when memory is short)",
     )
+    engine: str = Field(
+        default="hf", description='Engine that runs the trials, by name: "hf" (transformers) or "fake" (tests)'
+    )
+    engine_options: dict[str, Any] = Field(
+        default_factory=dict, description="Options passed to the engine (e.g. the fake engine's knobs)"
+    )
     cluster: ClusterSettings = Field(default_factory=ClusterSettings, description="Ray cluster")
 
     @field_validator("chain_of_thought_skips", mode="before")

@@ -1,6 +1,6 @@
 """ModelWorker: a Ray actor that holds one engine (one model load) for its whole life.
 
-The class is plain Python (testable without Ray); `heretic_dist.dist.pool` applies `ray.remote` with the
+The class is plain Python (testable without Ray); `heretic_dist.distributed.pool` applies `ray.remote` with the
 resources of the run. A worker never writes run state; it answers calls and reports its own health.
 """
 

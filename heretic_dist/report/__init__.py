@@ -36,7 +36,7 @@ from typing import Any, Iterable
 
 from heretic_dist import __version__
 from heretic_dist.errors import UserError
-from heretic_dist.storage import MANIFEST, TRIALS, RunDir
+from heretic_dist.rundir import MANIFEST, TRIALS, RunDir
 
 RUN_INFO = "run_info.json"
 BATCH_STATE = "batch_state.json"

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .types import COMPONENTS, PartialResult, Prompt, Shard, TrialParams
+from heretic_dist.engine.types import COMPONENTS, PartialResult, Prompt, Shard, TrialParams
 
 
 def _env_knobs() -> dict[str, Any]:

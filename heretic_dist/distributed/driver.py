@@ -17,10 +17,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import storage as st
+from .. import rundir as st
 from ..errors import UserError
 from ..prompts import load_prompt_set, prompt_set_hash
-from .results import mark_fronts, pareto_rows, trial_rows
+from ..search.front import mark_fronts, pareto_front, trial_rows
 
 log = logging.getLogger("heretic_dist")
 
@@ -137,7 +137,7 @@ def _compute_directions(pool, prompts, settings):
 
 def _detect_prefix(pool, prompts, settings) -> str:
     """Upstream's rule on the first 100 + 100 direction prompts, generated over all workers."""
-    from ..engine.residuals import detect_response_prefix
+    from ..engine.passes import detect_response_prefix
 
     sample = prompts["good_prompts"][:100] + prompts["bad_prompts"][:100]
 
@@ -282,7 +282,7 @@ def _run_locked(settings, options, run_dir, prompts, manifest, run_id, old, resu
                              info["components"], tune_dir, on_told=progress.told, spec=spec)
         study = open_study(journal, run_id)
         rows = mark_fronts(trial_rows(study, n_bad), study)
-        front = pareto_rows(rows)
+        front = pareto_front(rows)
         run_dir.write_parquet(st.TRIALS, rows)
         run_dir.write_parquet(st.PARETO, [r for r in rows if r["pareto"]])
         run_dir.push_journal()

@@ -16,7 +16,7 @@ The batch directory (local path, s3:// or gs://, through storage.RunDir):
     runs/<name>/            each model's run directory (the driver's, so `status`/`export`/`report` work)
 
 Execution: the batch process starts (or joins) ONE Ray cluster and runs
-`python -m heretic_dist.cli run configs/<name>.toml --run-dir runs/<name> --address <cluster>` for each
+`python -m heretic_dist run configs/<name>.toml --run-dir runs/<name> --address <cluster>` for each
 model (through a tiny launcher that makes the child die with the batch), one after another or up to
 `--parallel-models` at once; each child's workers are Ray actors with their own CPU/GPU reservations,
 so parallel children use disjoint worker groups. A child that fails marks its model failed and the
@@ -41,8 +41,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from . import storage as st
-from .errors import UserError
+from .. import rundir as st
+from ..errors import UserError
 
 STATE = "batch_state.json"
 SUMMARY = "batch_summary.parquet"
@@ -129,7 +129,7 @@ def _merge(defaults: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
 def load_manifest(path: str | Path, *, check_prompts: bool = True) -> Manifest:
     """Read and validate a batch manifest: every model's merged settings, names, duplicates, and (with
     check_prompts) every distinct prompt set. Raises one-line UserErrors naming the entry."""
-    from .config import (Settings, _check_keys, _dotted_keys, _resolve_dataset_paths, _suggest, _validate,
+    from ..config import (Settings, _check_keys, _dotted_keys, _resolve_dataset_paths, _suggest, _validate,
                          read_toml_file)
 
     path = Path(path)
@@ -201,8 +201,8 @@ def load_manifest(path: str | Path, *, check_prompts: bool = True) -> Manifest:
 
 def _check_prompt_sets(specs: list[ModelSpec]) -> None:
     """Load every distinct prompt set once, so a bad one stops the batch now, not hours later."""
-    from .config import PROMPT_SET_KEYS
-    from .prompts import load_prompt_set
+    from ..config import PROMPT_SET_KEYS
+    from ..prompts import load_prompt_set
 
     seen: set[str] = set()
     for spec in specs:
@@ -256,11 +256,11 @@ def run_uri(batch: st.RunDir, ref: str) -> str:
 
 
 def _pareto_points(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    from .dist.results import pareto_rows
+    from ..search.front import pareto_front
 
     done = [r for r in rows if r.get("state") == "COMPLETE" and r.get("refusals") is not None
             and r.get("kl") is not None]
-    return [{"trial": r["number"], "refusals": r["refusals"], "kl": r["kl"]} for r in pareto_rows(done)]
+    return [{"trial": r["number"], "refusals": r["refusals"], "kl": r["kl"]} for r in pareto_front(done)]
 
 
 def model_summary(batch: st.RunDir, entry: dict[str, Any]) -> dict[str, Any]:
@@ -441,7 +441,7 @@ def _drops_filesystems(func):
 @_drops_filesystems
 def run_batch(options: BatchOptions) -> int:
     """Run (or resume) a batch. Returns 0 when every model of the manifest is done, 1 otherwise."""
-    from .dist.driver import start_ray
+    from ..distributed.driver import start_ray
 
     if options.parallel_models < 1:
         raise UserError(f"--parallel-models must be at least 1, got {options.parallel_models}")
@@ -508,7 +508,7 @@ def run_batch(options: BatchOptions) -> int:
 
 def _changed_keys(batch: st.RunDir, entry: dict[str, Any], spec: ModelSpec) -> str:
     """' (n_trials, cluster.workers)': the keys that differ from the config the model ran with."""
-    from .config import tomllib
+    from ..config import tomllib
 
     try:
         ran = tomllib.loads(batch.read_bytes(entry.get("config") or f"configs/{spec.name}.toml").decode())
@@ -628,10 +628,10 @@ class _Runner:
         logf = open(log_path, "ab")
         offset = logf.tell()
         logf.write(f"\n=== heretic-dist batch: attempt {entry['attempts']} of {name} at {_now()}\n"
-                   f"$ {sys.executable} -m heretic_dist.cli {' '.join(cli_args)}\n".encode())
+                   f"$ {sys.executable} -m heretic_dist {' '.join(cli_args)}\n".encode())
         logf.flush()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen([sys.executable, "-m", "heretic_dist.batch", "--child", str(os.getpid()),
+        proc = subprocess.Popen([sys.executable, "-m", "heretic_dist", "--child", str(os.getpid()),
                                  *cli_args], stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env)
         self.active.append(_Child(entry, proc, log_path, offset, time.monotonic(), logf))
@@ -786,31 +786,3 @@ def status_table(batch_dir: str) -> str:
     lines.append(f"{batch.uri}: " + ", ".join(f"{counts[s]} {s}" for s in STATUSES if counts.get(s))
                  + f"; updated {state.get('updated', '?')}")
     return "\n".join(line.rstrip() for line in lines)
-
-
-# --------------------------------------------------------------------------------------------------
-# The child launcher
-
-
-def _child_main(argv: list[str]) -> int:
-    """`python -m heretic_dist.batch --child PARENT_PID run ...`: `heretic-dist run ...`, killed with the
-    batch process (Linux: PR_SET_PDEATHSIG), as a lost machine would take both."""
-    parent = int(argv[0])
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(Exception):
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the batch died before the line above
-        return 1
-    from .cli import main
-
-    return main(argv[1:])
-
-
-if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "--child":
-        sys.exit(_child_main(sys.argv[2:]))
-    print("usage: heretic-dist batch MANIFEST.toml (this module is not a command)", file=sys.stderr)
-    sys.exit(2)

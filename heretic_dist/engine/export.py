@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
-from .engine.engine import Engine
-from .engine.residuals import render, tokenize
-from .engine.types import Prompt, TrialParams
-from .errors import UserError
+from .engine import Engine
+from .passes import render, tokenize
+from .types import Prompt, TrialParams
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
