@@ -1,16 +1,18 @@
-"""report.py on fabricated run directories (no model, no Ray)."""
+"""heretic_dist.report on fabricated run directories (no model, no Ray)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import random
 import re
+import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
-from heretic_dist.engine.ablation import decode_trial_params
+from heretic_dist.search.space import decode_trial_params
 from heretic_dist.engine.types import COMPONENTS
 from heretic_dist.errors import UserError
 from heretic_dist.report import load_run, pareto_front, write_batch_report, write_report
@@ -39,7 +41,8 @@ def make_run_dir(
     rng = random.Random(seed)
     run = RunDir(uri)
     run.ensure()
-    settings = {"model": model, "n_trials": n_trials, "n_startup_trials": 10, "seed": seed,
+    # As the driver writes it: n_trials is a runtime setting, only in run_info.json.
+    settings = {"model": model, "n_startup_trials": 10, "seed": seed,
                 "row_normalization": "none", "max_response_length": 100, "kl_divergence_target": 0.01}
     run.write_json("manifest.json", {
         "run_id": f"{seed:016x}", "model": {"name": model, "revision": "main", "dtype": "bfloat16"},
@@ -236,3 +239,40 @@ def test_degenerate_runs(tmp_path: Path) -> None:
     RunDir(str(tmp_path / "b")).write_parquet("trials.parquet", rows)
     text = write_report(str(tmp_path / "b")).read_text()
     assert "#1<" in text
+
+
+def test_n_trials_comes_from_run_info(tmp_path: Path) -> None:
+    """The manifest never holds n_trials (a runtime setting); run_info.json does."""
+    make_run_dir(str(tmp_path / "run"), n_trials=30, n_fail=3)
+    run = RunDir(str(tmp_path / "run"))
+    assert "n_trials" not in run.read_json("manifest.json")["settings"]
+    assert load_run(str(tmp_path / "run")).n_trials == 30
+    text = write_report(str(tmp_path / "run")).read_text()
+    assert "27 of 30 trials" in text
+    # A stale n_trials in the manifest settings (an old run dir) is not believed; no run_info: no "of N".
+    manifest = run.read_json("manifest.json")
+    manifest["settings"]["n_trials"] = 999
+    run.write_json("manifest.json", manifest)
+    run.delete("run_info.json")
+    assert load_run(str(tmp_path / "run")).n_trials is None
+    text = write_report(str(tmp_path / "run")).read_text()
+    assert "27 complete, 3 failed" in text and " of 999" not in text and "27 of " not in text
+
+
+def test_html_is_escaped(tmp_path: Path) -> None:
+    make_run_dir(str(tmp_path / "run"), n_trials=6, n_fail=1, model="evil/<script>alert(1)</script>")
+    text = write_report(str(tmp_path / "run")).read_text()
+    assert "<script>" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    _refs(tmp_path / "run" / "report.html")  # no script tag parsed either
+
+
+def test_report_imports_neither_torch_nor_ray(tmp_path: Path) -> None:
+    make_run_dir(str(tmp_path / "run"), n_trials=6, n_fail=1)
+    code = (
+        "import sys\n"
+        "from heretic_dist.report import write_report\n"
+        f"write_report({str(tmp_path / 'run')!r})\n"
+        "heavy = [m for m in ('torch', 'ray', 'optuna', 'transformers') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
