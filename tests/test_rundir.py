@@ -1,7 +1,9 @@
-"""Run directory: atomic writes, round-trips (local and a real S3 server), journal sync, lock."""
+"""Run directory: atomic writes, round-trips (local and a real S3 server), journal sync, records, lock."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from heretic_dist import rundir
+from heretic_dist import rundir as st
 from heretic_dist.errors import UserError
 from heretic_dist.rundir import (
     RunDir,
@@ -21,8 +23,14 @@ from heretic_dist.rundir import (
     load_directions,
     manifest_diff,
     manifest_hash,
+    read_manifest,
+    read_run_info,
     save_directions,
+    write_run_info,
 )
+from heretic_dist.rundir import rundir as rundir_module
+from heretic_dist.rundir.storage_errors import storage_error
+
 REPO = Path(__file__).resolve().parents[1]
 S3_TEST_SECRET = "dummy-secret-Zq8vK3nT"  # the value the s3_server fixture puts in the env
 
@@ -102,7 +110,7 @@ def test_atomic_write_keeps_old_file_on_crash(tmp_path: Path, monkeypatch: pytes
         assert Path(src).read_bytes().startswith(b"{")
         raise Crash()
 
-    monkeypatch.setattr(storage.os, "replace", crash)
+    monkeypatch.setattr(rundir_module.os, "replace", crash)
     with pytest.raises(Crash):
         run.write_json("manifest.json", {"v": "new"})
     monkeypatch.undo()
@@ -150,6 +158,19 @@ def test_manifest_diff_names_keys() -> None:
     assert manifest_diff(old, new) == ["added.x", "gone", "lst", "model.revision"]
     assert manifest_diff(old, old) == []
     assert manifest_diff({"a": {"b": 1}}, {"a": 1}) == ["a", "a.b"]
+
+
+def test_run_info_and_manifest_readers(tmp_path: Path) -> None:
+    run = RunDir(str(tmp_path / "run"))
+    assert read_run_info(run) == {} and read_manifest(run) is None  # a run that has not started
+    write_run_info(run, {"n_trials": 12, "hosts": ["a"]})
+    assert read_run_info(run) == {"n_trials": 12, "hosts": ["a"]}
+    assert (tmp_path / "run" / st.RUN_INFO).is_file() and st.RUN_INFO == "run_info.json"
+    run.write_json(st.MANIFEST, {"run_id": "abc"})
+    assert read_manifest(run) == {"run_id": "abc"}
+    run.write_json(st.RUN_INFO, [1, 2])
+    with pytest.raises(UserError, match="run_info.json in .* is not a JSON object"):
+        read_run_info(run)
 
 
 # ---- journal on S3 -------------------------------------------------------------------------------
@@ -259,10 +280,10 @@ def test_unsupported_scheme() -> None:
 def test_error_messages_are_redacted(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_TEST_SECRET)
     exc = OSError(f"AWS Error ACCESS_DENIED during PutObject: key {S3_TEST_SECRET}\nmore")
-    msg = str(storage._storage_error(exc, "write", "x in s3://b/p", remote=True))
+    msg = str(storage_error(exc, "write", "x in s3://b/p", remote=True))
     assert msg.startswith("permission denied to write x in s3://b/p") and S3_TEST_SECRET not in msg
-    other = str(storage._storage_error(OSError(f"odd {S3_TEST_SECRET} http://u:pw@h/\nline2"), "read",
-                                       "s3://b", remote=True))
+    other = str(storage_error(OSError(f"odd {S3_TEST_SECRET} http://u:pw@h/\nline2"), "read",
+                              "s3://b", remote=True))
     assert S3_TEST_SECRET not in other and "pw" not in other and "\n" not in other
 
 
@@ -324,3 +345,141 @@ def test_stale_object_store_lock_is_taken_silently(s3_bucket: str, tmp_path: Pat
     r.write_json(".lock", {"host": "gone", "pid": 1, "time": time.time() - 3600, "token": "x"})
     with RunLock(r) as lock:
         assert lock.warning is None
+
+
+def test_lock_heartbeat_must_fit_in_the_stale_time(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at most half of stale_s"):
+        RunLock(RunDir(str(tmp_path / "run")), heartbeat_s=60, stale_s=100)
+
+
+def _flaky_lock_writes(run: RunDir, monkeypatch: pytest.MonkeyPatch, failures: int) -> dict[str, int]:
+    """Make the next `failures` uploads of the owner file fail (everything else goes through)."""
+    real, left = run.write_bytes, {"n": failures}
+
+    def write_bytes(name: str, data: bytes) -> None:
+        if name == ".lock" and left["n"]:
+            left["n"] -= 1
+            raise UserError(f"cannot write .lock in {run.uri}: injected failure")
+        real(name, data)
+
+    monkeypatch.setattr(run, "write_bytes", write_bytes)
+    return left
+
+
+def test_object_store_lock_retries_a_failed_renewal(s3_bucket: str, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    run = RunDir(f"s3://{s3_bucket}/runs/flaky", cache_dir=tmp_path / "a")
+    lost: list[UserError] = []
+    with RunLock(run, heartbeat_s=0.2, stale_s=2.0, on_lost=lost.append) as lock:
+        left = _flaky_lock_writes(run, monkeypatch, failures=3)
+        deadline = time.time() + 10
+        while (left["n"] or time.time() - lock.renewed_at > 0.3) and time.time() < deadline:
+            time.sleep(0.05)
+        assert left["n"] == 0 and lock.renew_failures == 3  # each failure retried, then renewed
+        time.sleep(2.0)  # past the time a lost lock would be declared
+        assert lock.lost is None and not lost
+        lock.check()
+        owner = json.loads(RunDir(run.uri).read_bytes(".lock"))
+        assert time.time() - owner["time"] < 1.0 and owner["time"] == lock.renewed_at
+
+
+def test_object_store_lock_lost_calls_back_and_check_raises(s3_bucket: str, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    run = RunDir(f"s3://{s3_bucket}/runs/gone", cache_dir=tmp_path / "a")
+    lost: list[UserError] = []
+    lock = RunLock(run, heartbeat_s=0.2, stale_s=2.0, on_lost=lost.append).acquire()
+    _flaky_lock_writes(run, monkeypatch, failures=10**6)
+    written = lock.renewed_at
+    deadline = time.time() + 10
+    while not lost and time.time() < deadline:
+        time.sleep(0.05)
+    assert len(lost) == 1 and time.time() < written + 2.0  # declared before the owner file is stale
+    assert lock.renew_failures >= 3
+    with pytest.raises(UserError, match=rf"could not renew the run lock on {run.uri} .*injected failure") as e:
+        lock.check()
+    assert "\n" not in str(e.value) and "run the same command again to resume" in str(e.value)
+    with pytest.raises(UserError, match="could not renew the run lock"):
+        lock.__exit__(None, None, None)  # leaving the `with` block ends the run with the same line
+    assert lock._fd is None
+
+
+@contextlib.contextmanager
+def _own_moto_server():
+    """A moto_server of this test's own, so that the test can kill it (the shared one stays up)."""
+    import urllib.request
+
+    exe = Path(sys.executable).with_name("moto_server")
+    if not exe.exists():
+        pytest.skip("moto_server not installed (pip install 'moto[server]')")
+    url = f"http://127.0.0.1:{free_port()}"
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", url.rsplit(":", 1)[1]],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                opener.open(url + "/moto-api/", timeout=1).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("moto_server did not start")
+                time.sleep(0.2)
+        yield url, proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+LOSER = textwrap.dedent(
+    """
+    import json, os, sys, time
+    from heretic_dist.errors import UserError
+    from heretic_dist.rundir import RunDir, RunLock
+    lock = RunLock(RunDir(sys.argv[1]), heartbeat_s=1.0, stale_s=6.0)
+    try:
+        with lock:
+            print("locked", flush=True)
+            while True:
+                time.sleep(0.05)  # a driver's main loop: only the lost lock stops it
+    except UserError as error:
+        print(json.dumps({"error": str(error), "failures": lock.renew_failures,
+                          "renewed_at": lock.renewed_at, "stopped_at": time.time()}), flush=True)
+    os._exit(2)  # as the CLI does after using S3: no interpreter teardown
+    """
+)
+
+
+def test_lost_object_store_lock_stops_the_run_before_it_expires(s3_server: str, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow.fs as pafs
+
+    with _own_moto_server() as (url, server):
+        monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+        pafs.S3FileSystem(endpoint_override=url.split("://", 1)[1], scheme="http", region="us-east-1",
+                          allow_bucket_creation=True).create_dir("lost")
+        uri = "s3://lost/runs/one"
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        proc = subprocess.Popen([sys.executable, "-c", LOSER, uri], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "locked"
+            locked_at = time.time()
+            time.sleep(1.6)  # a renewal goes through
+            server.kill()  # the object store is gone while the run holds the lock
+            server.wait()
+            out, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 2 and "Traceback" not in err, err
+    result = json.loads(out.strip().splitlines()[-1])
+    msg = result["error"]
+    assert "\n" not in msg and S3_TEST_SECRET not in msg
+    assert msg.startswith(f"could not renew the run lock on {uri} for ")
+    assert "cannot reach the object store" in msg and "run the same command again to resume" in msg
+    assert result["renewed_at"] > locked_at + 0.4  # the heartbeat worked before the server went away
+    # each upload to a dead endpoint takes 1-2 s (the SDK's own retries): >= 2 means retried, not given up
+    assert result["failures"] >= 2
+    assert result["stopped_at"] < result["renewed_at"] + 6.0  # before another driver would take over
