@@ -62,7 +62,7 @@ def load_prompt_sets(settings) -> dict[str, list]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .engine.engine import Engine
+    from .engine.protocol import engine_class
 
     settings = _settings(args)
     print(f"config: {args.config} is valid")
@@ -71,12 +71,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"prompts: {name}: {len(prompts)} prompts")
     if args.no_model:
         return 0
-    engine = Engine(settings)
+    engine = engine_class(settings.engine)(settings)
     info = engine.info()
     print(f"model: {settings.model} loaded as {info['dtype']} on {info['device']} in {info['load_seconds']:.1f} s")
     print(f"model: {info['n_layers']} layers; components {', '.join(info['components'])}; "
-          f"{info['modules']} modules take LoRA adapters")
-    if info["unsupported"]:
+          f"{info.get('modules', '?')} modules take LoRA adapters")
+    if info.get("unsupported"):
         print(f"model: NOT edited (fused expert tensors): {'; '.join(info['unsupported'])}")
     print("check: ok")
     return 0
@@ -125,6 +125,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .display import RunProgress
     from .distributed.driver import RunOptions, run
 
     cluster = {"cluster.address": args.address, "cluster.workers": args.workers,
@@ -132,10 +133,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                "cluster.shards_per_trial": args.shards_per_trial, "n_trials": args.n_trials}
     settings = _settings(args, cluster)
     run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
-    outcome = run(settings, RunOptions(run_dir=run_dir, new_run=args.new_run,
-                                       progress=lambda line: print(line, flush=True)))
+    with RunProgress() as display:
+        outcome = run(settings, RunOptions(run_dir=run_dir, new_run=args.new_run, progress=display.line,
+                                           on_trial=display.trial))
     print()
-    print(pareto_table(outcome.pareto, outcome.info["base_refusals"], outcome.info["n_bad"]))
+    print_front(outcome.pareto, outcome.info["base_refusals"], outcome.info["n_bad"])
     print()
     print(f"{outcome.complete} complete, {outcome.failed} failed trials in the study; "
           f"{outcome.loads_total} model loads ({outcome.replacements} replacements); {outcome.seconds:.0f} s")
@@ -149,19 +151,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def pareto_table(front: list[dict[str, Any]], base_refusals: Any, n_bad: Any) -> str:
+def print_front(front: list[dict[str, Any]], base_refusals: Any, n_bad: Any) -> None:
+    """The Pareto front table (search/front.py's one front) that run and status print."""
+    from .display import print_table
     from .search.front import front_table
 
-    lines = [f"Pareto front (base model: {base_refusals}/{n_bad} refusals, KL 0)",
-             f"{'trial':>6}  {'refusals':>9}  {'KL':>8}  scope       index"]
-    for c in front_table(front):
-        lines.append(f"{c['trial']:>6}  {c['refusals']:>9}  {c['KL']:>8}  {c['scope']:<10}  {c['index']}")
-    return "\n".join(lines)
+    cells = front_table(front)
+    print_table(f"Pareto front (base model: {base_refusals}/{n_bad} refusals, KL 0)",
+                ["trial", "refusals", "KL", "scope", "index"],
+                [[c["trial"], c["refusals"], c["KL"], c["scope"], c["index"]] for c in cells],
+                right=["trial", "refusals", "KL"])
 
 
 def _open_run(run_uri: str):
     from . import rundir as st
-    from .distributed.search import open_storage
+    from .search.study import open_storage
 
     run = st.RunDir(run_uri)
     run.check_access()
@@ -179,20 +183,20 @@ def _open_run(run_uri: str):
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from . import rundir as st
     from .search.front import pareto_front, trial_rows
 
     run, manifest, study = _open_run(args.run_dir)
     rows = trial_rows(study, manifest.get("n_bad_prompts", 0))
     counts = {state: sum(r["state"] == state for r in rows) for state in ("COMPLETE", "RUNNING", "FAIL")}
-    n_trials = manifest["settings"].get("n_trials") or (run.read_json("run_info.json").get("n_trials")
-                                                        if run.exists("run_info.json") else None)
+    n_trials = st.read_run_info(run).get("n_trials")
     print(f"run {manifest['run_id']}: model {manifest['model'].get('model', manifest['model'])}")
     print(f"trials: {counts['COMPLETE']} complete" + (f" of {n_trials}" if n_trials else "")
           + f", {counts['RUNNING']} running, {counts['FAIL']} failed")
     durations = [r["duration_s"] for r in rows if r["state"] == "COMPLETE" and r["duration_s"]]
     if durations:
         print(f"mean trial time: {sum(durations) / len(durations):.1f} s (per worker group)")
-    print(pareto_table(pareto_front(rows), manifest.get("base_refusals", "?"), manifest.get("n_bad_prompts", "?")))
+    print_front(pareto_front(rows), manifest.get("base_refusals", "?"), manifest.get("n_bad_prompts", "?"))
     return 0
 
 
@@ -201,7 +205,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from . import rundir as st
     from .config import Settings
-    from .engine.ablation import decode_trial_params
+    from .search.space import decode_trial_params
     from .engine.engine import Engine
     from .engine.export import export_trial
 
@@ -213,6 +217,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError(f"trial {args.trial} is not a complete trial of {args.run_dir}; "
                         f"complete trials: {', '.join(map(str, done[:30]))}{' ...' if len(done) > 30 else ''}")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; export writes a folder: choose a folder path")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
     settings = Settings(**manifest["settings"]).model_copy(

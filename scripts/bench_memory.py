@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _benchdoc import load_text, machine, now_utc, write_section  # noqa: E402
 
 from heretic_dist.config import PromptSetSpec, Settings  # noqa: E402
-from heretic_dist.engine.ablation import decode_trial_params, directions_from_sums  # noqa: E402
+from heretic_dist.engine.ablation import directions_from_sums  # noqa: E402
+from heretic_dist.search.space import decode_trial_params
 from heretic_dist.engine.engine import Engine  # noqa: E402
 from heretic_dist.engine.types import Shard  # noqa: E402
 from heretic_dist.prompts import load_prompt_set  # noqa: E402

@@ -8,7 +8,7 @@ Usage:
 
 It calls `heretic_dist.distributed.driver.run` (the function behind `heretic-dist run`) with a Settings built
 here (model "fake", 20 + 20 scoring prompts, production sampler: multivariate TPE, 128 EI candidates,
-60 start-up trials, constant liar) and engine_factory "heretic_dist.testing.fake:FakeEngine", run
+60 start-up trials, constant liar) and engine = "fake" (heretic_dist/testing/fake.py), run
 directory in a temp folder. P = workers / shards trials are in flight. Timestamps come from the study
 (the source of truth) and from a Tune callback added to the search (controller side); nothing else is
 changed. Definitions (all per COMPLETE trial):
@@ -62,11 +62,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _benchdoc as bd  # noqa: E402
 
-FAKE = "heretic_dist.testing.fake:FakeEngine"
 TARGET_MS = 50.0
 
 CONFIG = """
 model = "fake"
+engine = "fake"
 n_trials = {trials}
 n_startup_trials = {startup}
 seed = 1
@@ -129,7 +129,8 @@ class Stamps:
 def run_driver(args, run_root: Path):
     """driver.run with the search phase timed and a Tune callback added. Returns facts."""
     from heretic_dist.config import load_settings
-    from heretic_dist.distributed import driver, search
+    from heretic_dist.distributed import driver
+    from heretic_dist.distributed import tune as search
 
     cfg = run_root / "bench.toml"
     cfg.write_text(CONFIG.format(trials=args.trials, startup=args.startup, workers=args.workers,
@@ -180,7 +181,7 @@ def run_driver(args, run_root: Path):
     try:
         if profiler:
             profiler.enable()
-        outcome = driver.run(settings, driver.RunOptions(run_dir=str(run_root / "run"), engine_factory=FAKE,
+        outcome = driver.run(settings, driver.RunOptions(run_dir=str(run_root / "run"),
                                                          progress=progress))
     finally:
         if profiler:
@@ -188,7 +189,7 @@ def run_driver(args, run_root: Path):
         search.run_search, search.build_tuner = orig_run_search, orig_build
     wall = time.time() - t0
     # Tune trial id -> Optuna trial number
-    tune_to_number = {tid: ot.number for s in searchers for tid, ot in s._ot_trials.items()}
+    tune_to_number = {tid: ot.number for s in searchers for tid, ot in s.asked.items()}
     by_number = {tune_to_number[tid]: v for tid, v in stamps.by_tune_id.items() if tid in tune_to_number}
     for tid, sec in ask_seconds.items():
         if tid in tune_to_number:
@@ -201,7 +202,7 @@ def analyse(facts, in_flight: int) -> tuple[list[str], dict]:
     import optuna
 
     from heretic_dist import rundir as st
-    from heretic_dist.distributed.search import open_storage
+    from heretic_dist.search.study import open_storage
 
     run_dir = facts["run_dir"]
     manifest = json.loads((run_dir / st.MANIFEST).read_text())
@@ -290,14 +291,16 @@ def time_ask(study, in_flight: int, startup: int, sizes: list[int], repeats: int
     import optuna
     from optuna.storages import InMemoryStorage
 
-    from heretic_dist.distributed.search import SearchSpace, SearchSpec, make_sampler, open_storage
+    from heretic_dist.distributed.tune import SearchSpec
+    from heretic_dist.search.space import SearchSpace
+    from heretic_dist.search.study import make_sampler
 
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     # n_layers from the distributions: direction_index is in [0.4, 0.9] * (n_layers - 1)
     hi = complete[0].distributions["direction_index"].high
     n_layers = round(hi / 0.9) + 1
     comps = sorted({k.rsplit(".", 1)[0] for k in complete[0].params if k.count(".") >= 2})
-    space = SearchSpace(n_layers, False, comps or None)
+    space = SearchSpace(n_layers, False, tuple(comps) or None)
     spec = SearchSpec(n_trials=len(complete), n_startup_trials=startup, seed=0)
     out = ["", f"TPE ask alone (multivariate, {spec.n_ei_candidates} EI candidates, {startup} start-up, constant "
            f"liar, {in_flight - 1} RUNNING) [ms], median of {repeats}:"]
@@ -307,7 +310,7 @@ def time_ask(study, in_flight: int, startup: int, sizes: list[int], repeats: int
         times = []
         for rep in range(repeats):
             s = optuna.create_study(storage=InMemoryStorage(), directions=["minimize", "minimize"],
-                                    sampler=make_sampler(spec, rep))
+                                    sampler=make_sampler(spec.n_startup_trials, spec.seed, rep, spec.n_ei_candidates))
             s.add_trials(complete[:size])
             running = [s.ask() for _ in range(in_flight - 1)]
             for r in running:
@@ -323,20 +326,17 @@ def time_ask(study, in_flight: int, startup: int, sizes: list[int], repeats: int
         from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
         variants = [("plain JournalStorage (one append + fsync per log)", JournalStorage)]
-        try:
-            from heretic_dist.distributed.search import BufferedJournalStorage, _buffered
-        except ImportError:  # code from before the grouped writes
-            BufferedJournalStorage = None
-        else:
-            variants.append(("as the searcher writes (grouped appends)", BufferedJournalStorage))
+        from heretic_dist.search.study import GroupedJournalStorage, grouped
+
+        variants.append(("as the searcher writes (grouped appends)", GroupedJournalStorage))
         for label, cls in variants:
             times, tells = [], []
             with tempfile.TemporaryDirectory() as tmp:
                 copy = Path(tmp) / "study.journal"
                 shutil.copy(journal, copy)
                 storage = cls(JournalFileBackend(str(copy), lock_obj=JournalFileOpenLock(str(copy))))
-                s = optuna.load_study(study_name=study.study_name, storage=storage, sampler=make_sampler(spec, 0))
-                group = (lambda: _buffered(s)) if cls is BufferedJournalStorage else contextlib.nullcontext
+                s = optuna.load_study(study_name=study.study_name, storage=storage, sampler=make_sampler(spec.n_startup_trials, spec.seed, 0, spec.n_ei_candidates))
+                group = (lambda: grouped(storage)) if cls is GroupedJournalStorage else contextlib.nullcontext
                 for _ in range(repeats):
                     running = [s.ask() for _ in range(in_flight - 1)]
                     for r in running:

@@ -5,7 +5,7 @@ Question: heretic-dist can use W workers either trial-parallel (P = W trials in 
 without `constant_liar`) or prompt-sharded (K = W workers score one trial, 1 trial in flight). How much
 Pareto-front quality per trial does each give up against a plain sequential search?
 
-Sampler (identical to production, `heretic_dist.distributed.search.make_sampler`):
+Sampler (identical to production, `heretic_dist.search.study.make_sampler`):
   TPESampler(n_startup_trials=60, n_ei_candidates=128, multivariate=True, seed=s, constant_liar=on|off),
   two objectives, both minimized, 200 trials, seeds 0..9.
 
@@ -127,9 +127,9 @@ def check_space_against_package() -> str:
     """Compare `space()` with heretic_dist's define-by-run space; returns a one-line verdict."""
     try:
         sys.path.insert(0, str(REPO))
-        from heretic_dist.distributed.search import suggest_params
+        from heretic_dist.search.space import suggest_params
     except Exception as exc:  # noqa: BLE001 - the benchmark does not need the package
-        return f"not checked against heretic_dist.distributed.search.suggest_params ({type(exc).__name__}: {exc})"
+        return f"not checked against heretic_dist.search.space.suggest_params ({type(exc).__name__}: {exc})"
     study = optuna.create_study(directions=["minimize", "minimize"])
     trial = study.ask()
     suggest_params(trial, N_LAYERS)
@@ -137,7 +137,7 @@ def check_space_against_package() -> str:
     ours = space()
     if theirs != ours:
         raise SystemExit(f"search space differs from suggest_params:\n ours   {ours}\n theirs {theirs}")
-    return "identical to heretic_dist.distributed.search.suggest_params(n_layers=24)"
+    return "identical to heretic_dist.search.space.suggest_params(n_layers=24)"
 
 
 # ----------------------------------------------------------------------------------- test function

@@ -78,7 +78,8 @@ def run_layout(args, workers: int, cpus: int, root: Path) -> dict:
     import ray
 
     from heretic_dist.config import load_settings
-    from heretic_dist.distributed import driver, search
+    from heretic_dist.distributed import driver
+    from heretic_dist.distributed import tune as search
 
     cfg = root / f"scaling-{workers}x{cpus}.toml"
     cfg.write_text(CONFIG.format(batch=args.batch_size, tokens=args.tokens, trials=args.trials,
@@ -106,7 +107,7 @@ def run_layout(args, workers: int, cpus: int, root: Path) -> dict:
     t0 = time.time()
     try:
         outcome = driver.run(settings, driver.RunOptions(run_dir=str(root / f"run-{workers}x{cpus}"),
-                                                         engine_factory=driver.ENGINE, progress=progress))
+                                                         progress=progress))
     finally:
         search.run_search = orig
     wall = time.time() - t0
@@ -121,7 +122,7 @@ def run_layout(args, workers: int, cpus: int, root: Path) -> dict:
     import optuna
 
     from heretic_dist import rundir as st
-    from heretic_dist.distributed.search import open_storage
+    from heretic_dist.search.study import open_storage
 
     run_dir = root / f"run-{workers}x{cpus}"
     manifest = json.loads((run_dir / st.MANIFEST).read_text())

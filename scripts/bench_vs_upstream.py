@@ -19,7 +19,7 @@ Phases (each after _benchdoc.wait_for_quiet; the load average is printed before 
      time and, per trial, reset+abliterate / KL / refusal-generation seconds; per-trial seconds come
      from its Optuna journal, end-to-end wall from the runner (the heretic process only).
   2. ours, 1 worker x 2 CPUs and all workers (2 x 1 CPU on this machine): the real CLI
-     (`python -m heretic_dist.cli run CONFIG --run-dir DIR --workers W --cpus-per-worker C`) in a
+     (`python -m heretic_dist run CONFIG --run-dir DIR --workers W --cpus-per-worker C`) in a
      subprocess; its directions line, per-trial lines and wall time are captured; per-trial seconds
      (duration_s) and engine phase timings come from the run's trials.parquet.
   3. replay: upstream's exact trial params through our Engine in this process
@@ -244,7 +244,7 @@ def run_ours_cli(args, gguf: Path, out_dir: Path, workers: int, cpus: float) -> 
         return json.loads(saved.read_text())
     run_dir = out_dir / f"ours-run-{label}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [sys.executable, "-m", "heretic_dist.cli", "run", str(cfg), "--run-dir", str(run_dir),
+    cmd = [sys.executable, "-m", "heretic_dist", "run", str(cfg), "--run-dir", str(run_dir),
            "--workers", str(workers), "--cpus-per-worker", f"{cpus:g}"]
     env = gate(args, f"ours {label}")
     note("$ " + shlex.join(cmd[1:]))

@@ -227,7 +227,8 @@ def run_ours(args, gguf: Path, upstream_trials: list[dict]) -> dict:
     import transformers
 
     from heretic_dist.config import PromptSetSpec, Settings
-    from heretic_dist.engine.ablation import decode_trial_params, directions_from_sums
+    from heretic_dist.engine.ablation import directions_from_sums
+    from heretic_dist.search.space import decode_trial_params
     from heretic_dist.engine.engine import Engine
     from heretic_dist.engine.types import Shard
     from heretic_dist.prompts import load_prompt_set

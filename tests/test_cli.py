@@ -26,7 +26,7 @@ split = "[4:8]"
 
 
 def heretic(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "heretic_dist.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "heretic_dist", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=300)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from heretic_dist.distributed.search import open_study
+from heretic_dist.search.study import open_study
 
 
 def test_optuna_dashboard_reads_the_study(tmp_path):

@@ -15,14 +15,15 @@ from transformers import AutoModelForCausalLM
 
 from heretic_dist import rundir as st
 from heretic_dist.distributed.pool import WorkerPool, quiet_ray_env
-from heretic_dist.distributed.search import reduce_partials
-from heretic_dist.engine.ablation import decode_trial_params, directions_from_sums
+from heretic_dist.search.objectives import reduce_partials
+from heretic_dist.engine.ablation import directions_from_sums
+from heretic_dist.search.space import decode_trial_params
 from heretic_dist.engine.engine import Engine
 from heretic_dist.engine.passes import render, tokenize
 from heretic_dist.engine.types import Shard
 
 pytestmark = pytest.mark.slow
-ENGINE = "heretic_dist.engine.engine:Engine"
+ENGINE = "hf"
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ workers = 2
 object_store_memory_mb = 100
 """)
     run_dir = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "heretic_dist.cli", "run", str(config), "--run-dir", str(run_dir)],
+    done = subprocess.run([sys.executable, "-m", "heretic_dist", "run", str(config), "--run-dir", str(run_dir)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "2 model loads (0 replacements)" in done.stdout
@@ -67,7 +68,7 @@ object_store_memory_mb = 100
     trial = pareto[0]["number"]
 
     out = tmp_path / "not-yet" / "exported"  # a parent that does not exist yet, as in the README
-    done = subprocess.run([sys.executable, "-m", "heretic_dist.cli", "export", str(run_dir), "--trial", str(trial),
+    done = subprocess.run([sys.executable, "-m", "heretic_dist", "export", str(run_dir), "--trial", str(trial),
                            "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 

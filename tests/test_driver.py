@@ -18,12 +18,13 @@ import optuna
 import pytest
 
 from heretic_dist import rundir as st
-from heretic_dist.distributed.search import open_storage
+from heretic_dist.search.study import open_storage
 
 pytestmark = pytest.mark.slow
 
 CONFIG = """
 model = "fake"
+engine = "fake"
 n_trials = {n_trials}
 n_startup_trials = 4
 seed = 7
@@ -55,11 +56,13 @@ def write_config(tmp_path: Path, n_trials: int) -> Path:
 
 def cli(config: Path, run_dir: Path | str, *extra: str, trial_seconds: float = 0.0, cwd: Path | None = None,
         env: dict[str, str] | None = None) -> subprocess.Popen:
-    env = dict(os.environ, HERETIC_DIST_ENGINE="heretic_dist.testing.fake:FakeEngine",
-               HERETIC_DIST_FAKE=json.dumps({"fake_trial_seconds": trial_seconds}), PYTHONUNBUFFERED="1",
-               **(env or {}))
+    # the fake engine's sleep per trial is one of its engine_options (runtime-only: a resume with
+    # another value is the same run)
+    timed = config.with_name(f"{config.stem}-{trial_seconds:g}s.toml")
+    timed.write_text(config.read_text() + f"\n[engine_options]\nfake_trial_seconds = {trial_seconds}\n")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.Popen(
-        [sys.executable, "-m", "heretic_dist.cli", "run", str(config), "--run-dir", str(run_dir), *extra],
+        [sys.executable, "-m", "heretic_dist", "run", str(timed), "--run-dir", str(run_dir), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True, cwd=cwd)
 
 

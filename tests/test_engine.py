@@ -10,11 +10,13 @@ from tiny_models import tiny_model_folder
 from transformers import AutoModelForCausalLM
 
 from heretic_dist.config import Settings
-from heretic_dist.engine.ablation import decode_trial_params, directions_from_sums, layer_weight
+from heretic_dist.engine.ablation import directions_from_sums
+from heretic_dist.search.space import decode_trial_params, layer_weight
 from heretic_dist.engine.components import find_components
 from heretic_dist.engine.engine import Engine
 from heretic_dist.engine.passes import detect_response_prefix
-from heretic_dist.engine.scoring import MarkerRefusalScorer, objective_values
+from heretic_dist.engine.scoring import MarkerRefusalScorer
+from heretic_dist.search.objectives import objective_values
 from heretic_dist.engine.types import Prompt, Shard
 from heretic_dist.errors import UserError
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from heretic_dist.engine.ablation import decode_trial_params, directions_from_sums
+from heretic_dist.engine.ablation import directions_from_sums
+from heretic_dist.search.space import decode_trial_params
 from heretic_dist.engine.engine import Engine
 from heretic_dist.engine.loading import resolve_source
 from heretic_dist.engine.types import Prompt, Shard

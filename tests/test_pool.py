@@ -16,7 +16,7 @@ from heretic_dist.testing.fake import FakeEngine  # noqa: E402
 from heretic_dist.engine.types import Prompt, Shard  # noqa: E402
 from heretic_dist.errors import UserError  # noqa: E402
 
-FAKE = "heretic_dist.testing.fake:FakeEngine"
+FAKE = "fake"
 PARAMS = {
     "direction_scope": "global",
     "direction_index": 3.2,

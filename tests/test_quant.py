@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 from test_engine import BAD, GOOD, make_settings, raw_params
 from tiny_models import tiny_model_folder
 
-from heretic_dist.engine.ablation import decode_trial_params, directions_from_sums
+from heretic_dist.engine.ablation import directions_from_sums
+from heretic_dist.search.space import decode_trial_params
 from heretic_dist.engine.engine import Engine
 from heretic_dist.engine.quant import dequantize_4bit
 from heretic_dist.engine.types import Shard

@@ -12,19 +12,13 @@ import optuna
 import pytest
 import torch
 
-from heretic_dist.distributed.search import (
-    SearchSpec,
-    TrialSetup,
-    evaluate_trial,
-    objective_values,
-    open_study,
-    reduce_partials,
-    run_search,
-    suggest_params,
-)
+from heretic_dist.distributed.tune import SearchSpec, TrialSetup, evaluate_trial, run_search
 from heretic_dist.engine.types import PartialResult
+from heretic_dist.search.objectives import objective_values, reduce_partials
+from heretic_dist.search.space import suggest_params
+from heretic_dist.search.study import open_study
 
-FAKE = "heretic_dist.testing.fake:FakeEngine"
+FAKE = "fake"
 N_LAYERS = 8  # FakeEngine default
 
 
@@ -116,8 +110,8 @@ def make_pool(settings: dict | None = None):
 def search(pool, tmp_path, n_trials, shards=1, n_startup=5, **kw):
     spec = SearchSpec(n_trials=n_trials, n_startup_trials=n_startup, seed=7, workers=2, shards=shards,
                       max_attempts=3, lease_timeout_s=120)
-    return run_search(pool, None, tmp_path / "study.journal", "study", base_refusals=20, n_layers=N_LAYERS,
-                      components=None, tune_dir=str(tmp_path / "tune"), spec=spec, **kw)
+    return run_search(pool, spec, tmp_path / "study.journal", "study", base_refusals=20, n_layers=N_LAYERS,
+                      components=None, tune_dir=str(tmp_path / "tune"), **kw)
 
 
 def finishing_tells(journal) -> Counter:

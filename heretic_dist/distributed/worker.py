@@ -6,59 +6,39 @@ resources of the run. A worker never writes run state; it answers calls and repo
 
 from __future__ import annotations
 
-import importlib
 import os
 import socket
 import threading
 import time
-import traceback
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
+from heretic_dist.engine.protocol import TrialEngine, engine_class
 from heretic_dist.engine.types import PartialResult, Prompt, Shard, TrialParams
 
-SETTINGS_CLASS_KEY = "__settings_class__"
+if TYPE_CHECKING:
+    from heretic_dist.config import Settings
 
 
-def load_object(path: str) -> Any:
-    """Import "package.module:Name" (or "package.module.Name")."""
-    module_name, sep, attr = path.partition(":")
-    if not sep:
-        module_name, _, attr = path.rpartition(".")
-    if not module_name or not attr:
-        raise ValueError(f"not an import path of the form 'package.module:Name': {path!r}")
-    obj: Any = importlib.import_module(module_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def settings_payload(settings: Any) -> Any:
-    """What travels to a worker: a plain dict (pydantic models are dumped with their class path)."""
-    if settings is None or isinstance(settings, dict):
-        return settings
-    if hasattr(settings, "model_dump"):
-        cls = type(settings)
-        payload = settings.model_dump(mode="python")
-        payload[SETTINGS_CLASS_KEY] = f"{cls.__module__}:{cls.__qualname__}"
-        return payload
-    return settings
-
-
-def rebuild_settings(payload: Any) -> Any:
-    if isinstance(payload, dict) and SETTINGS_CLASS_KEY in payload:
-        data = dict(payload)
-        cls = load_object(data.pop(SETTINGS_CLASS_KEY))
-        return cls.model_validate(data)
-    return payload
+def describe_error(exc: BaseException) -> str:
+    """`Type: message`, with the root cause appended when the error wraps another one."""
+    text = f"{type(exc).__name__}: {exc}"
+    seen, cause = {id(exc)}, exc.__cause__ or exc.__context__
+    root = None
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        root, cause = cause, cause.__cause__ or cause.__context__
+    if root is not None and str(root) and str(root) not in text:
+        text += f" (caused by {type(root).__name__}: {root})"
+    return " ".join(text.split())
 
 
 class ModelWorker:
-    """Holds one engine. Constructed with an engine factory import path and a settings payload."""
+    """Holds one engine, chosen by its registered name (engine/protocol.py), built from the settings."""
 
-    def __init__(self, engine_factory: str, settings: Any, worker_id: str | None = None):
+    def __init__(self, engine: str, settings: Settings, worker_id: str | None = None):
         self.worker_id = worker_id or uuid.uuid4().hex[:8]
         self.host = socket.gethostname()
         self.pid = os.getpid()
@@ -66,19 +46,17 @@ class ModelWorker:
         self.load_seconds = 0.0
         self.trials_run = 0
         self._lock = threading.Lock()  # engine calls are serialized (health() runs on its own thread)
-        self.engine: Any = None
+        self.engine: TrialEngine | None = None
         self._info: dict[str, Any] = {}
         # A load error is kept and reported by health() instead of raised: a constructor exception would
         # surface as a bare ActorDiedError with the real cause buried in a log.
         self.load_error: str | None = None
         start = time.perf_counter()
         try:
-            factory = load_object(engine_factory)
-            self.engine = factory(rebuild_settings(settings))
+            self.engine = engine_class(engine)(settings)
             self._info = dict(self.engine.info())
         except Exception as exc:  # noqa: BLE001 - reported to the pool, which kills this actor
-            self.load_error = f"{type(exc).__name__}: {exc}"
-            self.load_traceback = traceback.format_exc()
+            self.load_error = describe_error(exc)
         else:
             self.loads += 1
         self.load_seconds = time.perf_counter() - start
@@ -100,7 +78,7 @@ class ModelWorker:
     def info(self) -> dict[str, Any]:
         return dict(self._info)
 
-    def _engine(self) -> Any:
+    def _engine(self) -> TrialEngine:
         if self.engine is None:
             raise RuntimeError(f"worker {self.worker_id} has no engine: {self.load_error}")
         return self.engine
@@ -139,9 +117,7 @@ class ModelWorker:
     def warm_baselines(self, shards: list[Shard]) -> None:
         """Compute the unedited log-probs of the shards trials will use, once, before any trial."""
         with self._lock:
-            baseline = getattr(self._engine(), "baseline", None)  # the FakeEngine has none
-            for shard in shards if baseline else []:
-                baseline(shard)
+            self._engine().warm_baselines(shards)
 
     def run_trial(self, params: dict[str, Any] | TrialParams | None, shard: Shard) -> PartialResult:
         if isinstance(params, dict):

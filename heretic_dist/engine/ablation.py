@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .types import COMPONENTS, ComponentParams, TrialParams
+from heretic_dist.search.space import TrialParams
 
 
 def winsorize(residuals: torch.Tensor, quantile: float) -> torch.Tensor:
@@ -48,40 +47,6 @@ def global_direction(directions: torch.Tensor, index: float) -> torch.Tensor:
     alpha, whole = math.modf(index + 1)
     k = int(whole)
     return F.normalize(directions[k].lerp(directions[k + 1], alpha), p=2, dim=0)
-
-
-def layer_weight(layer: int, params: ComponentParams) -> float:
-    """Tent kernel over layers: 0.0 means the layer is not edited."""
-    distance = abs(layer - params.max_weight_position)
-    if distance > params.min_weight_distance:
-        return 0.0
-    return params.max_weight + (distance / params.min_weight_distance) * (
-        params.min_weight - params.max_weight
-    )
-
-
-def decode_trial_params(
-    raw: dict[str, Any], n_layers: int, allow_mlp_off: bool = False
-) -> TrialParams:
-    """Turn sampled search-space values (upstream Heretic's parameter names) into TrialParams."""
-    scope = raw["direction_scope"]
-    if scope not in ("global", "per layer"):
-        raise ValueError(f"unknown direction_scope {scope!r}")
-    components = {}
-    for name in COMPONENTS:
-        if f"{name}.max_weight" not in raw:
-            continue
-        max_weight = float(raw[f"{name}.max_weight"])
-        if allow_mlp_off and name == "mlp.down_proj":
-            max_weight = max(max_weight, 0.0)
-        components[name] = ComponentParams(
-            max_weight=max_weight,
-            max_weight_position=float(raw[f"{name}.max_weight_position"]),
-            min_weight=float(raw[f"{name}.min_weight"]) * max_weight,
-            min_weight_distance=float(raw[f"{name}.min_weight_distance"]),
-        )
-    index = None if scope == "per layer" else float(raw["direction_index"])
-    return TrialParams(direction_scope=scope, direction_index=index, components=components)
 
 
 def layer_direction(directions: torch.Tensor, params: TrialParams, layer: int) -> torch.Tensor:

@@ -10,7 +10,9 @@ from typing import Any
 import torch
 
 from . import passes
-from .ablation import layer_direction, layer_weight, lora_factors
+from heretic_dist.search.space import layer_weight
+
+from .ablation import layer_direction, lora_factors
 from .components import LayerComponents, find_components
 from .loading import load_model
 from .scoring import MarkerRefusalScorer, kl_per_prompt
@@ -205,6 +207,16 @@ class Engine:
 
     def count_refusals(self, prompts: list[Prompt]) -> int:
         return sum(self.scorer.is_refusal(r) for r in self.refusal_replies(prompts))
+
+    @classmethod
+    def model_identity(cls, settings) -> dict[str, str]:
+        from .loading import model_identity
+
+        return model_identity(settings.model, settings.model_commit)
+
+    def warm_baselines(self, shards: list[Shard]) -> None:
+        for shard in shards:
+            self.baseline(shard)
 
     def baseline(self, shard: Shard) -> torch.Tensor:
         """Log-probs of the unedited model on this shard's harmless prompts, computed once."""

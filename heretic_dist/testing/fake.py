@@ -9,14 +9,15 @@ Shape of the fake objective (so the Pareto front is not trivial):
 - a harmful prompt with hash u in [0, 1) is still refused when u >= s: refusals fall as s grows;
 - the KL of a harmless prompt grows with s^2 plus a penalty for a badly placed peak.
 
-Knobs (keys of a plain dict, or attributes of a settings object; all optional):
+Knobs (keys of a plain dict, or of `engine_options` in the settings: `engine = "fake"` with
+`[engine_options] fake_trial_seconds = 0.5` in a config; all optional):
   fake_n_layers (8), fake_hidden_size (16), fake_components (both components),
   fake_load_seconds (0), fake_trial_seconds (0, sleep per run_trial call),
   fake_prompt_seconds (0, sleep per scored prompt), fake_n_eval (20, default eval prompts per side),
   fake_nonfinite (False: when true every edited trial returns a NaN KL sum),
   fake_fail_load (False: when true the constructor raises, like a model that cannot load),
-  fake_fail_models ([]: `model` values whose load fails like fake_fail_load; the knobs are one env for
-  every run, so this is how a batch test makes one model of several fail).
+  fake_fail_models ([]: `model` values whose load fails like fake_fail_load; lets one [defaults] table
+  of a batch manifest make one model of several fail).
 """
 
 from __future__ import annotations
@@ -32,22 +33,16 @@ import torch
 from heretic_dist.engine.types import COMPONENTS, PartialResult, Prompt, Shard, TrialParams
 
 
-def _env_knobs() -> dict[str, Any]:
-    """Knobs from $HERETIC_DIST_FAKE (JSON): how a CLI run in a subprocess configures the fake."""
-    import json
-
-    return json.loads(os.environ.get("HERETIC_DIST_FAKE") or "{}")
-
-
 def _get(settings: Any, key: str, default: Any) -> Any:
+    """A knob from a plain dict, or from the `engine_options` of a Settings object."""
     if settings is None:
         value = None
     elif isinstance(settings, dict):
         value = settings.get(key)
     else:
-        value = getattr(settings, key, None)
-    if value is None:
-        value = _env_knobs().get(key)
+        value = (getattr(settings, "engine_options", None) or {}).get(key)
+        if value is None and key == "model":
+            value = getattr(settings, "model", None)
     return default if value is None else value
 
 
@@ -62,7 +57,11 @@ def _seed(text: str) -> int:
 
 
 class FakeEngine:
-    """Implements heretic_dist.engine.types.TrialEngine without a model."""
+    """Implements heretic_dist.engine.protocol.TrialEngine without a model."""
+
+    @classmethod
+    def model_identity(cls, settings: Any) -> dict[str, str]:
+        return {"model": str(_get(settings, "model", "fake"))}
 
     def __init__(self, settings: Any = None):
         start = time.perf_counter()
@@ -125,6 +124,9 @@ class FakeEngine:
     def set_eval_prompts(self, good: list[Prompt], bad: list[Prompt]) -> None:
         self.good = list(good)
         self.bad = list(bad)
+
+    def warm_baselines(self, shards: list[Shard]) -> None:
+        return None  # no model, nothing to cache
 
     def run_trial(self, params: TrialParams | None, shard: Shard) -> PartialResult:
         if params is not None and self.directions is None:

@@ -1,0 +1,98 @@
+"""Terminal output for the presentation side (cli, batch status): rich on a terminal, plain lines without.
+
+Without a TTY (CI, log files, `ray job logs`) tables are aligned plain text with no box characters and
+no colour, so they stay readable in a log and greppable in tests.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import IO, Sequence
+
+
+def is_terminal(stream: IO[str] | None = None) -> bool:
+    stream = stream or sys.stdout
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
+def table_text(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[str]],
+               *, right: Sequence[str] = ()) -> str:
+    """Plain aligned table: a title line, a header, one line per row (columns in `right` right-aligned)."""
+    widths = [max([len(c)] + [len(str(r[i])) for r in rows]) for i, c in enumerate(columns)]
+
+    def line(cells: Sequence[str]) -> str:
+        parts = [str(v).rjust(w) if columns[i] in right else str(v).ljust(w)
+                 for i, (v, w) in enumerate(zip(cells, widths))]
+        return "  ".join(parts).rstrip()
+
+    out = [title] if title else []
+    out.append(line(columns))
+    out.extend(line(r) for r in rows)
+    return "\n".join(out)
+
+
+def print_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[str]],
+                *, right: Sequence[str] = (), stream: IO[str] | None = None) -> None:
+    """A rich table on a terminal, `table_text` otherwise."""
+    stream = stream or sys.stdout
+    if not is_terminal(stream):
+        print(table_text(title, columns, rows, right=right), file=stream, flush=True)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for c in columns:
+        table.add_column(c, justify="right" if c in right else "left")
+    for r in rows:
+        table.add_row(*[str(v) for v in r])
+    Console(file=stream).print(table)
+
+
+class RunProgress:
+    """The `run` command's display: a live rich bar on a terminal (trials done/total, ETA, best point so
+    far, workers busy) with the step lines printed above it; without a TTY, the plain lines only.
+
+    Use as a context manager; `line` and `trial` are the driver's `progress` and `on_trial` callbacks.
+    """
+
+    def __init__(self, stream: IO[str] | None = None):
+        self.stream = stream or sys.stdout
+        self.live = is_terminal(self.stream)
+        self._bar = None
+        self._task = None
+
+    def __enter__(self) -> RunProgress:
+        if self.live:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(TextColumn("trials"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[best]}"),
+                                 TextColumn("{task.fields[busy]}"), console=Console(file=self.stream),
+                                 transient=True)
+            self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+            self._bar = None
+
+    def line(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.console.print(text, markup=False, highlight=False)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def trial(self, update: object) -> None:
+        """A driver TrialUpdate: the plain line, and on a terminal the bar moves."""
+        self.line(update.line())  # type: ignore[attr-defined]
+        if self._bar is None:
+            return
+        u = update
+        best = "" if u.best is None else f"best {u.best[0]}/{u.n_bad} at KL {u.best[1]:.3g} (#{u.best[2]})"
+        busy = "" if u.workers is None else f"workers busy {u.busy_workers}/{u.workers}"
+        if self._task is None:
+            self._task = self._bar.add_task("trials", total=u.n_trials, best=best, busy=busy)
+        self._bar.update(self._task, completed=u.done, best=best, busy=busy)

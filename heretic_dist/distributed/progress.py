@@ -1,0 +1,86 @@
+"""What the driver says while the search runs: one update per told trial, and the journal upload."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from optuna.trial import FrozenTrial, TrialState
+
+from ..errors import UserError
+from ..search.front import Point, best_point, pareto_front
+
+log = logging.getLogger("heretic_dist")
+
+
+@dataclass(frozen=True)
+class TrialUpdate:
+    """One told trial, with the run's progress at that moment (what a progress display shows)."""
+
+    number: int
+    complete: bool
+    refusals: int | None
+    kl: float | None
+    seconds: float
+    reason: str | None
+    done: int  # COMPLETE trials in the study now
+    n_trials: int
+    n_bad: int
+    eta_s: float | None
+    best: Point | None  # (refusals, KL, trial) of the best point so far (search/front.py's rule)
+    busy_workers: int | None
+    workers: int | None
+
+    def line(self) -> str:
+        """The plain progress line (logs, CI, `ray job logs`)."""
+        if not self.complete:
+            return f"trial {self.number}: FAILED: {self.reason or 'unknown reason'}"
+        eta = "" if self.eta_s is None else f"; ETA {self.eta_s / 60:.1f} min"
+        return (f"[{self.done}/{self.n_trials}] trial {self.number}: refusals {self.refusals}/{self.n_bad}, "
+                f"KL {self.kl or 0.0:.4f}, {self.seconds:.1f} s{eta}")
+
+
+class Progress:
+    """Called after each tell: uploads the journal, then reports a TrialUpdate."""
+
+    def __init__(self, n_trials: int, complete: int, n_bad: int, run_dir: Any,
+                 report: Callable[[TrialUpdate], None], pool_stats: Callable[[], dict[str, Any]] | None = None,
+                 points: list[Point] | None = None):
+        self.n_trials, self.complete, self.n_bad, self.run_dir = n_trials, complete, n_bad, run_dir
+        self.report, self.pool_stats = report, pool_stats
+        self.points: list[Point] = list(points or [])
+        self.start = time.perf_counter()
+        self.done_here = 0
+
+    def told(self, trial: FrozenTrial) -> None:
+        try:
+            self.run_dir.push_journal()
+        except UserError as error:  # the next push retries; the local cache keeps the trial
+            log.warning("journal upload failed: %s", error)
+        a = trial.user_attrs
+        complete = trial.state == TrialState.COMPLETE
+        eta = None
+        if complete:
+            self.done_here += 1
+            self.complete += 1
+            self.points.append((int(a.get("refusals", 0)), float(a.get("kl", 0.0)), trial.number))
+            eta = max(self.n_trials - self.complete, 0) * (time.perf_counter() - self.start) / self.done_here
+        busy = workers = None
+        if self.pool_stats is not None:
+            try:
+                stats = self.pool_stats()
+                workers, busy = stats["workers"], len(stats["leased"])
+            except Exception:  # noqa: BLE001 - the display must not cost the run
+                pass
+        self.report(TrialUpdate(
+            number=trial.number, complete=complete, refusals=a.get("refusals") if complete else None,
+            kl=a.get("kl") if complete else None, seconds=float(a.get("trial_seconds", 0.0)),
+            reason=a.get("fail_reason"), done=self.complete, n_trials=self.n_trials, n_bad=self.n_bad,
+            eta_s=eta, best=best_point(pareto_front(self.points, point=_same), point=_same),
+            busy_workers=busy, workers=workers))
+
+
+def _same(p: Point) -> Point:
+    return p

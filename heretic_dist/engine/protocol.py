@@ -1,0 +1,91 @@
+"""TrialEngine: everything a model worker calls on an engine, and the registry of engines by name.
+
+`distributed/` reaches engines only through this module: a worker is given an engine *name* from the
+settings (`engine = "hf"`), looks its class up here and calls the methods below, nothing else. Tests
+and the Ray-side benchmarks use `engine = "fake"` (heretic_dist/testing/fake.py), configured through
+`engine_options` like any other setting, so it travels in the manifest like the real engine does.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from heretic_dist.errors import UserError
+
+from .types import PartialResult, Prompt, Shard, TrialParams
+
+if TYPE_CHECKING:  # the registry is imported by Tune trial processes and the driver: no torch there
+    import torch
+
+    from heretic_dist.config import Settings
+
+
+@runtime_checkable
+class TrialEngine(Protocol):
+    """One loaded model (or a stand-in) that scores trials. Constructed as `cls(settings)`."""
+
+    @classmethod
+    def model_identity(cls, settings: Settings) -> dict[str, str]:
+        """What identifies the weights, for the run manifest (read on the driver: no model load)."""
+        ...
+
+    def info(self) -> dict[str, Any]:
+        """n_layers, components, dtype, device, load_seconds."""
+        ...
+
+    def responses(self, prompts: list[Prompt], skip_special_tokens: bool = False) -> list[str]: ...
+
+    def prefix_replies(self, prompts: list[Prompt]) -> list[str]: ...
+
+    def set_response_prefix(self, prefix: str) -> None: ...
+
+    def residual_sums(self, prompts: list[Prompt]) -> tuple[torch.Tensor, int]: ...
+
+    def set_directions(self, directions: torch.Tensor) -> None: ...
+
+    def set_eval_prompts(self, good: list[Prompt], bad: list[Prompt]) -> None: ...
+
+    def warm_baselines(self, shards: list[Shard]) -> None:
+        """Compute what the unedited model gives on these shards, once, before any trial."""
+        ...
+
+    def run_trial(self, params: TrialParams | None, shard: Shard) -> PartialResult: ...
+
+
+# name -> "module:Class"; imported only when used, so naming an engine costs nothing
+ENGINES: dict[str, str] = {
+    "hf": "heretic_dist.engine.engine:Engine",
+    "fake": "heretic_dist.testing.fake:FakeEngine",
+}
+
+
+def engine_names() -> list[str]:
+    return sorted(ENGINES)
+
+
+def engine_class(name: str) -> type[TrialEngine]:
+    """The engine class registered under `name`; a UserError naming the choices otherwise."""
+    path = ENGINES.get(name)
+    if path is None:
+        raise UserError(f"unknown engine {name!r}: choose one of {', '.join(engine_names())}")
+    module_name, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+# -- engine-side math the driver runs between worker calls ---------------------------------------------
+
+
+def directions_from_sums(good_sum: torch.Tensor, good_count: int, bad_sum: torch.Tensor, bad_count: int,
+                         orthogonalize: bool) -> torch.Tensor:
+    """The refusal direction per layer from residual sums map-reduced over workers (engine/ablation.py)."""
+    from .ablation import directions_from_sums as compute
+
+    return compute(good_sum, good_count, bad_sum, bad_count, orthogonalize)
+
+
+def detect_response_prefix(generate: Any, chain_of_thought_skips: list[tuple[str, str]]) -> str:
+    """Upstream's response-prefix rule over replies that `generate(prefix)` returns (engine/passes.py)."""
+    from .passes import detect_response_prefix as detect
+
+    return detect(generate, chain_of_thought_skips)
