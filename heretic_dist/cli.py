@@ -261,9 +261,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 def cmd_batch_status(args: argparse.Namespace) -> int:
-    from .batch import status_table
+    from .batch import print_status
 
-    print(status_table(args.batch_dir))
+    print_status(args.batch_dir)
     return 0
 
 

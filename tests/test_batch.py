@@ -18,13 +18,14 @@ import pytest
 
 from heretic_dist import rundir as st
 from heretic_dist.batch import STATE, SUMMARY, check_fit, derive_name, load_manifest, read_summary
-from heretic_dist.distributed.search import open_storage
+from heretic_dist.search.study import open_storage
 from heretic_dist.errors import UserError
 
 slow = pytest.mark.slow
 
 DEFAULTS = """
 [defaults]
+engine = "fake"
 n_trials = 3
 n_startup_trials = 2
 seed = 7
@@ -48,15 +49,17 @@ object_store_memory_mb = 100
 """
 
 
-def write_manifest(tmp_path: Path, models: str, defaults: str = DEFAULTS) -> Path:
+def write_manifest(tmp_path: Path, models: str, defaults: str = DEFAULTS, fake: dict | None = None) -> Path:
+    """The manifest; `fake` holds the fake engine's knobs, as [defaults.engine_options]."""
     path = tmp_path / "batch.toml"
-    path.write_text(defaults + "\n" + models)
+    knobs = "".join(f"\n{key} = {json.dumps(value)}" for key, value in (fake or {}).items())
+    options = f"\n[defaults.engine_options]{knobs}\n" if fake else ""
+    path.write_text(defaults + options + "\n" + models)
     return path
 
 
-def batch_cli(*args: str, fake: dict | None = None) -> subprocess.Popen:
-    env = dict(os.environ, HERETIC_DIST_ENGINE="heretic_dist.testing.fake:FakeEngine",
-               HERETIC_DIST_FAKE=json.dumps(fake or {}), PYTHONUNBUFFERED="1")
+def batch_cli(*args: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, "-m", "heretic_dist.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
 
@@ -148,6 +151,92 @@ def test_fit_check_suggests_a_smaller_parallel_count(tmp_path):
         check_fit(models, 1, cpus=0.5, gpus=0)
 
 
+def _batch_dir_with_results(tmp_path: Path) -> Path:
+    """A batch dir as a finished batch leaves it: the state, and a summary with Pareto points."""
+    from heretic_dist.batch import write_summary
+
+    batch_dir = tmp_path / "done-batch"
+    batch_dir.mkdir()
+    models = [{"name": "fake-a", "model": "org/a", "status": "done", "reason": None, "run_dir": "runs/fake-a",
+               "wall_seconds": 130.0},
+              {"name": "fake-b", "model": "org/b", "status": "failed", "reason": "org/fake-b cannot be loaded",
+               "run_dir": "runs/fake-b", "wall_seconds": 3.2}]
+    (batch_dir / STATE).write_text(json.dumps({"version": 1, "updated": "2024-01-01T00:00:00+00:00",
+                                               "models": models}))
+    pareto = [{"trial": 0, "refusals": 5, "kl": 0.2}, {"trial": 2, "refusals": 8, "kl": 0.04},
+              {"trial": 1, "refusals": 9, "kl": 0.01}]
+    write_summary(st.RunDir(str(batch_dir)), [
+        {"name": "fake-a", "model": "org/a", "status": "done", "base_refusals": 20, "n_bad": 20,
+         "complete_trials": 3, "failed_trials": 1, "pareto": pareto, "wall_seconds": 130.0},
+        {"name": "fake-b", "model": "org/b", "status": "failed", "pareto": [], "wall_seconds": 3.2}])
+    return batch_dir
+
+
+def test_status_table_plain_text(tmp_path):
+    from heretic_dist.batch import status_table
+
+    lines = status_table(str(_batch_dir_with_results(tmp_path))).splitlines()
+    assert lines[0].split() == ["model", "status", "base", "best", "(KL<=0.05", "or", "lowest", "KL)", "trials",
+                                "wall", "reason"]
+    assert lines[1].split() == ["fake-a", "done", "20/20", "8/20", "at", "KL", "0.0400", "(#2)", "3", "(+1",
+                                "failed)", "2.2", "min"]
+    assert lines[2].split()[:3] == ["fake-b", "failed", "-"] and lines[2].endswith("org/fake-b cannot be loaded")
+    assert lines[3] == ""
+    assert lines[4] == "fake-a front: #0 5/20 at KL 0.2000, #2 8/20 at KL 0.0400, #1 9/20 at KL 0.0100"
+    assert lines[5].endswith(": 1 done, 1 failed; updated 2024-01-01T00:00:00+00:00") and len(lines) == 6
+    assert all(line == line.rstrip() for line in lines)
+
+
+def test_print_status_is_the_plain_table_off_a_terminal_and_rich_on_one(tmp_path):
+    import io
+
+    from heretic_dist.batch import print_status, status_table
+
+    batch_dir = str(_batch_dir_with_results(tmp_path))
+    plain = io.StringIO()
+    print_status(batch_dir, stream=plain)
+    assert plain.getvalue() == status_table(batch_dir) + "\n"
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    rich = Terminal()
+    print_status(batch_dir, stream=rich)
+    text = rich.getvalue()
+    assert "fake-a" in text and "0.0400" in text and "1 done, 1 failed" in text  # rich may wrap cells
+    assert "┃" in text and text != plain.getvalue()
+
+
+def test_best_point_is_the_one_from_search_front():
+    from heretic_dist.batch import status
+    from heretic_dist.search import front
+
+    assert status.KL_THRESHOLD is front.KL_THRESHOLD
+    points = [{"trial": 0, "refusals": 5, "kl": 0.2}, {"trial": 2, "refusals": 8, "kl": 0.04},
+              {"trial": 1, "refusals": 9, "kl": 0.01}]
+    assert status.best_summary_point(points) == points[1]
+    assert status.best_summary_point([points[0]]) == points[0]  # none within KL_THRESHOLD: the lowest KL
+    assert status.best_summary_point([]) is None and status.best_summary_point(None) is None
+    sources = "".join(p.read_text() for p in (Path(status.__file__).parent).glob("*.py"))
+    assert "def best_point" not in sources and "KL_THRESHOLD =" not in sources
+
+
+def test_batch_uses_only_the_public_config_api():
+    import ast
+
+    from heretic_dist import batch
+
+    for path in Path(batch.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("config"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{path.name} imports {private} from config"
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                assert not any(n == "cli" or n.endswith(".cli") for n in names), f"{path.name} imports the CLI"
+
+
 # --------------------------------------------------------------------------------------------------
 # whole batches in subprocesses
 
@@ -163,10 +252,9 @@ model = "org/fake-b"
 name = "c"
 model = "org/fake-c"
 n_trials = 2
-""")
+""", fake={"fake_fail_models": ["org/fake-b"]})
     batch_dir = tmp_path / "batch"
-    code, out = finish(batch_cli("batch", str(manifest), "--batch-dir", str(batch_dir),
-                                 fake={"fake_fail_models": ["org/fake-b"]}))
+    code, out = finish(batch_cli("batch", str(manifest), "--batch-dir", str(batch_dir)))
     assert code == 1, out[-3000:]  # 1: not every model is done
     assert "Traceback" not in out
     assert statuses(batch_dir) == {"fake-a": "done", "fake-b": "failed", "c": "done"}
@@ -192,8 +280,7 @@ n_trials = 2
     assert code == 0 and (batch_dir / "report.html").exists(), report
 
     # the same command again: nothing to do, the failed model is not retried without --retry-failed
-    code, out = finish(batch_cli("batch", str(manifest), "--batch-dir", str(batch_dir),
-                                 fake={"fake_fail_models": ["org/fake-b"]}))
+    code, out = finish(batch_cli("batch", str(manifest), "--batch-dir", str(batch_dir)))
     assert code == 1 and "model fake-a: skipped (done)" in out and "pass --retry-failed" in out
     assert "running" not in out
 
@@ -212,11 +299,10 @@ n_trials = 2
 name = "third"
 model = "org/fake-3"
 n_trials = 8
-""")
+""", fake={"fake_trial_seconds": 0.5})
     batch_dir = tmp_path / "batch"
     args = ("batch", str(manifest), "--batch-dir", str(batch_dir))
-    fake = {"fake_trial_seconds": 0.5}
-    proc = batch_cli(*args, fake=fake)
+    proc = batch_cli(*args)
     third = batch_dir / "runs" / "third"
     deadline = time.time() + 180
     while time.time() < deadline:  # kill once the third model has trials in its study
@@ -234,7 +320,7 @@ n_trials = 8
              for t in study_trials(batch_dir / "runs" / "first")]
     assert len(first) == 3
 
-    code, out = finish(proc := batch_cli(*args, fake=fake))
+    code, out = finish(proc := batch_cli(*args))
     assert code == 0, out[-3000:]
     assert statuses(batch_dir) == {"first": "done", "second": "done", "third": "done"}
     assert "model first: skipped (done)" in out and "model third: running (resumed" in out

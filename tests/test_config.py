@@ -11,10 +11,15 @@ import pytest
 
 from heretic_dist.config import (
     DEFAULT_REFUSAL_MARKERS,
+    VALID_DTYPES,
     ClusterSettings,
     PromptSetSpec,
     Settings,
+    check_table,
+    did_you_mean,
     load_settings,
+    merge_tables,
+    settings_from_layers,
 )
 from heretic_dist.errors import UserError
 
@@ -305,7 +310,7 @@ def test_result_affecting_contains_search_settings_only():
     ra = s.result_affecting()
     json.dumps(ra)  # JSON-able
     speed_only = {"cluster", "batch_size", "max_batch_size", "prepack_weights", "device_map", "max_memory",
-                  "n_trials", "evaluate_model", "trust_remote_code"}
+                  "n_trials", "evaluate_model", "trust_remote_code", "engine_options"}
     assert not speed_only & set(ra)
     expected = set(Settings.model_fields) - speed_only
     assert set(ra) == expected
@@ -380,3 +385,148 @@ def test_default_toml_commented_examples_are_valid(tmp_path):
     uncommented = re.sub(r"(?m)^# (\w+ = )", r"\1", text)
     s = load_settings(write(tmp_path, uncommented))
     assert s.seed == 42 and s.kl_gate == 1.0 and s.cluster.address == "auto"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Runtime-only fields are marked on the field
+
+
+OLD_NOT_RESULT_AFFECTING = {"cluster", "batch_size", "max_batch_size", "prepack_weights", "device_map",
+                            "max_memory", "n_trials", "evaluate_model", "trust_remote_code"}
+
+
+def test_result_affecting_equals_the_old_explicit_list():
+    for s in (Settings(model="m"),
+              load_settings(None, {"model": "m", "seed": 3, "engine": "fake", "engine_options": {"x": 1},
+                                   "max_memory": {"0": "1GB"}, "cluster.workers": 4})):
+        assert s.result_affecting() == s.model_dump(mode="json", exclude=OLD_NOT_RESULT_AFFECTING | {"engine_options"})
+    # engine_options (new, runtime-only: how an engine runs, e.g. the fake's sleeps) joins the old list
+    assert Settings.runtime_only_fields() == OLD_NOT_RESULT_AFFECTING | {"engine_options"}
+
+
+def test_engine_is_result_affecting_and_its_options_are_not():
+    ra = Settings(model="m", engine="fake", engine_options={"fake_trial_seconds": 0.5}).result_affecting()
+    assert ra["engine"] == "fake" and "engine_options" not in ra
+    assert Settings(model="m").result_affecting() != ra
+    assert Settings(model="m", engine="fake").result_affecting() == ra
+
+
+def test_runtime_only_marker_is_on_the_field():
+    from heretic_dist.config.schema import is_runtime_only
+
+    assert is_runtime_only(Settings.model_fields["n_trials"])
+    assert not is_runtime_only(Settings.model_fields["seed"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# dtypes are checked with the config, not at model load
+
+
+def test_unknown_dtype_is_refused_by_the_config(tmp_path):
+    cfg = write(tmp_path, 'model = "m"\ndtypes = ["auto", "float13"]\n')
+    msg = error_of(load_settings, cfg)
+    assert msg.startswith(f"'dtypes' = [\"auto\", \"float13\"] in {cfg}: "), msg
+    assert '"float13"' in msg.split(": ", 1)[1]
+    for name in VALID_DTYPES:
+        assert f'"{name}"' in msg
+    assert error_of(load_settings, cfg, {"dtypes": '["bf16"]'}).startswith("'dtypes' = [\"bf16\"] in overrides: ")
+
+
+def test_every_valid_dtype_loads(tmp_path):
+    assert {"auto", "float16", "bfloat16", "float32", "float64"} <= set(VALID_DTYPES)
+    cfg = write(tmp_path, f'model = "m"\ndtypes = {json.dumps(list(VALID_DTYPES))}\n')
+    assert load_settings(cfg).dtypes == list(VALID_DTYPES)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Python 3.10: tomllib's backport
+
+
+def test_tomli_is_a_dependency_on_python_3_10():
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    assert "tomli>=2; python_version < '3.11'" in deps
+
+
+def test_toml_reader_falls_back_to_tomli(monkeypatch):
+    """Without tomllib (Python 3.10) config/load.py reads TOML with the `tomli` module."""
+    import importlib.util
+    import sys
+    import types
+
+    fake = types.ModuleType("tomli")
+    fake.TOMLDecodeError = ValueError
+    fake.loads = lambda text: {"read_by": "tomli"}
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # `import tomllib` now fails like on 3.10
+    monkeypatch.setitem(sys.modules, "tomli", fake)
+    path = REPO / "heretic_dist" / "config" / "load.py"
+    spec = importlib.util.spec_from_file_location("heretic_dist.config._load_on_py310", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.tomllib is fake
+    assert module.parse_toml("x = 1", "t.toml") == {"read_by": "tomli"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# One definition of the refusal markers
+
+
+def test_default_refusal_markers_are_defined_once():
+    defining = [p.relative_to(REPO).as_posix() for p in (REPO / "heretic_dist").rglob("*.py")
+                if re.search(r"(?m)^DEFAULT_REFUSAL_MARKERS\b.*=", p.read_text(encoding="utf-8"))]
+    assert defining == ["heretic_dist/config/schema.py"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The public merge for batch manifests
+
+
+def test_did_you_mean():
+    assert did_you_mean("n_trails", Settings.model_fields) == "; did you mean 'n_trials'?"
+    assert did_you_mean("wokers", ["workers"], "cluster.") == "; did you mean 'cluster.workers'?"
+    assert did_you_mean("zzzzqqq", Settings.model_fields) == ""
+
+
+def test_check_table_expands_checks_and_resolves(tmp_path, caplog):
+    (tmp_path / "good.txt").write_text("a\n")
+    raw = {'cluster.workers': 2, "export_strategy": "merge", "good_prompts": {"dataset": "good.txt"}}
+    with caplog.at_level(logging.WARNING, logger="heretic_dist.config"):
+        checked = check_table(raw, "layer A", tmp_path)
+    assert checked == {"cluster": {"workers": 2}, "good_prompts": {"dataset": str(tmp_path / "good.txt")}}
+    assert "cluster.workers" in raw and raw["good_prompts"]["dataset"] == "good.txt"  # input untouched
+    assert any("'export_strategy' in layer A" in r.getMessage() for r in caplog.records)
+    # the first base dir that has the file wins; a path found in none stays as written
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "good.txt").write_text("b\n")
+    assert check_table({"good_prompts": {"dataset": "good.txt"}}, "x", other, tmp_path)["good_prompts"] == {
+        "dataset": str(other / "good.txt")}
+    assert check_table({"bad_prompts": {"dataset": "nowhere.txt"}}, "x", tmp_path)["bad_prompts"] == {
+        "dataset": "nowhere.txt"}
+    assert error_of(check_table, {"n_trails": 1}, "layer A") == "unknown key 'n_trails' in layer A; did you mean 'n_trials'?"
+    assert error_of(check_table, {"cluster": {"wrkers": 1}}, "B") == (
+        "unknown key 'cluster.wrkers' in B; did you mean 'cluster.workers'?")
+
+
+def test_merge_tables_merges_sub_tables_key_by_key():
+    defaults = {"n_trials": 3, "cluster": {"workers": 1, "dashboard": True}}
+    entry = {"n_trials": 5, "cluster": {"workers": 2}, "seed": 1}
+    merged = merge_tables(defaults, entry)
+    assert merged == {"n_trials": 5, "cluster": {"workers": 2, "dashboard": True}, "seed": 1}
+    assert defaults == {"n_trials": 3, "cluster": {"workers": 1, "dashboard": True}}  # not changed
+    merged["cluster"]["workers"] = 9
+    assert entry["cluster"]["workers"] == 2
+
+
+def test_settings_from_layers_blames_the_layer_of_the_key():
+    defaults = ("manifest [defaults]", {"n_trials": 3, "cluster": {"workers": 1}})
+    s = settings_from_layers([defaults, ("entry 'a'", {"model": "a", "cluster": {"cpus_per_worker": 0.5}})])
+    assert (s.model, s.n_trials, s.cluster.workers, s.cluster.cpus_per_worker) == ("a", 3, 1, 0.5)
+    bad_default = ("manifest [defaults]", {"n_trials": 0})
+    assert error_of(settings_from_layers, [bad_default, ("entry 'a'", {"model": "a"})]) == (
+        "'n_trials' = 0 in manifest [defaults]: must be an integer >= 1")
+    assert error_of(settings_from_layers, [defaults, ("entry 'a'", {"model": "a", "n_trials": 0})]) == (
+        "'n_trials' = 0 in entry 'a': must be an integer >= 1")
+    assert error_of(settings_from_layers, [defaults, ("entry 'b'", {})]).startswith(
+        "missing required key 'model' in entry 'b'")

@@ -67,6 +67,15 @@ object_store_memory_mb = 100
     pareto = st.RunDir(str(run_dir)).read_parquet(st.PARETO)
     trial = pareto[0]["number"]
 
+    # --out naming an existing file: one line, exit 2, the file untouched (was a NotADirectoryError traceback)
+    a_file = tmp_path / "model.bin"
+    a_file.write_bytes(b"keep me")
+    done = subprocess.run([sys.executable, "-m", "heretic_dist", "export", str(run_dir), "--trial", str(trial),
+                           "--out", str(a_file)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.strip().count("\n") == 0 and "is a file" in done.stderr
+    assert a_file.read_bytes() == b"keep me"
+
     out = tmp_path / "not-yet" / "exported"  # a parent that does not exist yet, as in the README
     done = subprocess.run([sys.executable, "-m", "heretic_dist", "export", str(run_dir), "--trial", str(trial),
                            "--out", str(out)], capture_output=True, text=True, timeout=600)

@@ -53,6 +53,8 @@ def test_worker_class_without_ray():
     assert r.worker_id == "x" and r.bad_scored == 20 and w.health()["trials_run"] == 1
     broken = ModelWorker(FAKE, {"fake_fail_load": True})
     assert "cannot be loaded" in broken.health()["error"] and broken.health()["loads"] == 0
+    # the wrapped root cause is part of the one line, not dropped
+    assert "caused by OSError: fake weights file is unreadable" in broken.health()["error"]
 
 
 def test_load_failure_is_a_clear_user_error(ray_cluster):
@@ -61,6 +63,8 @@ def test_load_failure_is_a_clear_user_error(ray_cluster):
         WorkerPool(FAKE, {"fake_fail_load": True}, n_workers=2, cpus_per_worker=1.0)
     assert isinstance(exc.value, UserError)
     assert "FakeEngine: model cannot be loaded" in str(exc.value)
+    assert "caused by OSError: fake weights file is unreadable" in str(exc.value)
+    assert "\n" not in str(exc.value)
     assert "Traceback" not in str(exc.value)
     # resources the cluster does not have: an immediate error, not a pending actor forever
     with pytest.raises(WorkerStartError, match="GPU"):

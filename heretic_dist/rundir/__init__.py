@@ -29,10 +29,6 @@ from .records import (
 )
 from .rundir import RunDir
 
-# Old private spellings that batch/ still uses; drop once it calls cache_root() / cache_key().
-_cache_root = cache_root
-_sha16 = cache_key
-
 __all__ = [
     "DIRECTIONS", "DIRECTIONS_SHA", "JOURNAL", "LOCK", "MANIFEST", "PARETO", "RUN_INFO", "TRIALS", "TUNE",
     "RunDir", "RunLock", "cache_key", "cache_root", "interrupt_main_thread", "load_directions",

@@ -66,7 +66,12 @@ class FakeEngine:
     def __init__(self, settings: Any = None):
         start = time.perf_counter()
         if _get(settings, "fake_fail_load", False):
-            raise RuntimeError("FakeEngine: model cannot be loaded (fake_fail_load is set)")
+            # wrapped like a real load error (transformers raising over an OSError), so tests see
+            # that the root cause reaches the user's one line
+            try:
+                raise OSError("fake weights file is unreadable")
+            except OSError as cause:
+                raise RuntimeError("FakeEngine: model cannot be loaded (fake_fail_load is set)") from cause
         model = _get(settings, "model", None)
         if model is not None and model in list(_get(settings, "fake_fail_models", [])):
             raise RuntimeError(f"FakeEngine: model {model} cannot be loaded (listed in fake_fail_models)")
