@@ -242,6 +242,11 @@ class StudySearcher(Searcher):
             self.finished.add(trial_id)
         return failed
 
+    # The Tuner pickles its searcher into its own state file; the callback (progress display, run
+    # directory) stays in this process: a restored searcher would be a new one anyway (see save).
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "on_told": None}
+
     # The study file is the source of truth and a resume builds a fresh searcher: nothing to checkpoint.
     def save(self, checkpoint_path: str) -> None:
         return None
