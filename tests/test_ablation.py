@@ -7,16 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from heretic_dist.engine.ablation import (
-    decode_trial_params,
     directions_from_sums,
-    global_direction,
-    layer_weight,
     full_normalization_factors,
+    global_direction,
     lora_factors,
     reference_full_normalization_factors,
     winsorize,
 )
-from heretic_dist.engine.types import ComponentParams
+from heretic_dist.search.space import ComponentParams, decode_trial_params, layer_weight
 
 torch.manual_seed(0)
 
