@@ -6,9 +6,13 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .config import Settings
+    from .engine.types import Prompt
 
 log = logging.getLogger("heretic_dist")
 
@@ -40,7 +44,7 @@ def _parse_set(values: list[str]) -> dict[str, Any]:
     return overrides
 
 
-def _settings(args: argparse.Namespace, extra: dict[str, Any] | None = None):
+def _settings(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Settings:
     from .config import load_settings
 
     overrides = _parse_set(getattr(args, "set", []))
@@ -48,7 +52,7 @@ def _settings(args: argparse.Namespace, extra: dict[str, Any] | None = None):
     return load_settings(args.config, overrides)
 
 
-def load_prompt_sets(settings) -> dict[str, list]:
+def load_prompt_sets(settings: Settings) -> dict[str, list[Prompt]]:
     """The four prompt sets, each checked (a missing or empty set is a UserError naming it)."""
     from .prompts import load_prompt_set
 
@@ -76,7 +80,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"model: {settings.model} loaded as {info['dtype']} on {info['device']} in {info['load_seconds']:.1f} s")
     print(f"model: {info['n_layers']} layers; components {', '.join(info['components'])}; "
           f"{info.get('modules', '?')} modules take LoRA adapters")
-    if info.get("unsupported"):
+    from .engine.protocol import describe_edited
+
+    for line in describe_edited(info.get("edited")):
+        print(f"model: {line}")
+    if info.get("unsupported") and not info.get("edited"):
         print(f"model: NOT edited (fused expert tensors): {'; '.join(info['unsupported'])}")
     print("check: ok")
     return 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 
 import pytest
 import torch
@@ -282,16 +281,16 @@ def test_dense_components(tmp_path, arch):
     assert found.module_names()[0].startswith("model.layers.0.")
 
 
-def test_moe_fused_experts_are_listed_in_a_warning(tmp_path, caplog):
+def test_moe_fused_experts_are_found_and_counted(tmp_path):
     folder = tiny_model_folder(tmp_path, "qwen2_moe", layers=2, num_experts=4, num_experts_per_tok=2,
                                moe_intermediate_size=16, shared_expert_intermediate_size=16)
     model = AutoModelForCausalLM.from_pretrained(folder)
-    with caplog.at_level(logging.WARNING):
-        found = find_components(model)
-    # the shared expert is a Linear and is edited; the fused expert tensors are named, not skipped silently
+    found = find_components(model)
+    # the shared expert is a Linear and takes LoRA; the fused routed experts take the edit too (experts.py)
     assert "model.layers.0.mlp.shared_expert.down_proj" in found.module_names()
-    assert len(found.unsupported) == 2
-    assert "model.layers.1.mlp.experts" in caplog.text and "down_proj" in caplog.text
+    assert found.unsupported == []
+    assert [len(layer) for layer in found.fused] == [1, 1]
+    assert found.edited()[0] == {"attention": 1, "dense_mlp": 0, "shared_experts": 1, "routed_experts": 4}
 
 
 def test_moe_expert_module_lists_are_edited(tmp_path):
@@ -397,3 +396,19 @@ def test_prefix_replies_settle_to_the_same_prefix(llama):
     assert sum(map(len, cut)) < sum(map(len, full))  # it did stop early
     engine.set_response_prefix("Sure thing")  # a prefix the replies continue from
     assert common_prefix(engine.prefix_replies(prompts)) == common_prefix(engine.responses(prompts))
+
+
+def test_describe_edited_lines_collapse_identical_layers():
+    from heretic_dist.engine.protocol import describe_edited
+
+    row = {"attention": 1, "dense_mlp": 0, "shared_experts": 1, "routed_experts": 4}
+    dense = {"attention": 1, "dense_mlp": 1, "shared_experts": 0, "routed_experts": 0}
+    lines = describe_edited({"per_layer": [dense, row, row], "totals": {"routed_experts": 8},
+                             "fused_expert_modules": 2, "fused_layout": ["(E, out, in)"], "mlp_skipped": False,
+                             "not_edited": []})
+    assert lines == [
+        "edits, layer 0: attention 1, dense MLP 1, shared experts 0, routed experts 0",
+        "edits, layers 1-2: attention 1, dense MLP 0, shared experts 1, routed experts 4",
+        "routed experts: 8 in 2 fused expert modules ((E, out, in)), edited on the forward path",
+    ]
+    assert describe_edited(None) == []

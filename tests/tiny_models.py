@@ -37,7 +37,7 @@ def tiny_tokenizer():
 
 
 def tiny_model_folder(path: Path, arch: str = "llama", layers: int = 4, hidden: int = 32, seed: int = 0,
-                      **extra) -> Path:
+                      scale_experts: bool = False, **extra) -> Path:
     """Save a tiny random `arch` model and the tiny tokenizer to `path`."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -53,7 +53,7 @@ def tiny_model_folder(path: Path, arch: str = "llama", layers: int = 4, hidden: 
     # Random init is tiny; scale weights up so different edits give visibly different outputs.
     with torch.no_grad():
         for p in model.parameters():
-            if p.dim() == 2:
+            if p.dim() == 2 or (scale_experts and p.dim() == 3):
                 p.mul_(5.0)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
@@ -61,3 +61,23 @@ def tiny_model_folder(path: Path, arch: str = "llama", layers: int = 4, hidden: 
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# Config keys for tiny MoE models of each family (transformers 5 stores their routed experts fused).
+MOE_ARCHS: dict[str, dict] = {
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=16),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=24),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2, intermediate_size=24),
+    "deepseek_v3": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+                        first_k_dense_replace=1, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=16,
+                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4),
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=24, head_dim=8, layer_types=None),
+}
+
+
+def moe_model_folder(path: Path, arch: str, layers: int = 2, hidden: int = 32, seed: int = 0, **extra) -> Path:
+    """A tiny random MoE model of family `arch` (fused experts scaled up like the 2-D weights)."""
+    return tiny_model_folder(path, arch, layers=layers, hidden=hidden, seed=seed, scale_experts=True,
+                             **(MOE_ARCHS[arch] | extra))

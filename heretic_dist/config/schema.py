@@ -227,6 +227,11 @@ class Settings(BaseModel):
     allow_mlp_off: bool = Field(
         default=False, description="Sample the MLP max_weight from [-0.25, 1.5] clamped at 0"
     )
+    attention_only: bool = Field(
+        default=False,
+        description="Edit only attention output projections: every MLP (dense, shared and routed "
+        "experts) stays unedited; allow_mlp_off instead lets the search decide per trial",
+    )
     kl_gate: float | None = Field(
         default=None, gt=0, description="Skip refusal generation for trials whose KL exceeds this"
     )

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .. import rundir as st
 from ..config import ClusterSettings, Settings
-from ..engine.protocol import detect_response_prefix, directions_from_sums, engine_class
+from ..engine.protocol import describe_edited, detect_response_prefix, directions_from_sums, engine_class
 from ..engine.types import Prompt, Shard
 from ..errors import UserError
 from ..prompts import load_prompt_set, prompt_set_hash
@@ -238,7 +238,9 @@ def _run_with_ray(ctx: RunContext) -> RunOutcome:
         ctx.info = ctx.pool.info()
         ctx.say(f"workers ready: model loaded once per worker in {ctx.pool.start_seconds:.1f} s; "
                 f"{ctx.info['n_layers']} layers, components {', '.join(ctx.info['components'])}")
-        if ctx.info.get("unsupported"):
+        for line in describe_edited(ctx.info.get("edited")):
+            ctx.say(line)
+        if ctx.info.get("unsupported") and not ctx.info.get("edited"):
             ctx.say(f"warning: NOT edited (fused expert tensors): {'; '.join(ctx.info['unsupported'])}")
         _set_up_workers(ctx)
         _write_manifest(ctx)
@@ -302,6 +304,7 @@ def _write_manifest(ctx: RunContext) -> None:
     base_refusals, n_bad, n_good = ctx.base
     ctx.run_dir.write_json(st.MANIFEST, dict(
         ctx.manifest, run_id=ctx.run_id, n_layers=ctx.info["n_layers"], components=ctx.info["components"],
+        edited=ctx.info.get("edited"),
         response_prefix=ctx.prefix, base_refusals=base_refusals, n_bad_prompts=n_bad, n_good_prompts=n_good,
         directions_sha256=ctx.digest, created=(ctx.old or {}).get("created", _now())))
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from . import passes
+from . import experts, passes
 from heretic_dist.search.space import layer_weight
 
 from .ablation import layer_direction, lora_factors
@@ -32,8 +32,12 @@ class Engine:
         self.settings = settings
         self.loaded = loaded or load_model(settings)
         self.tokenizer = self.loaded.tokenizer
-        self.components: LayerComponents = find_components(self.loaded.model)
+        self.components: LayerComponents = find_components(
+            self.loaded.model, mlp=not getattr(settings, "attention_only", False))
         self.rank = settings.full_normalization_lora_rank if settings.row_normalization == "full" else 1
+        self.fused = self.components.all_fused()
+        experts.refuse_quantized(self.fused)
+        self._route_fused_experts()
         self.model = self._attach_lora(self.loaded.model)
         self.seed = settings.seed if settings.seed is not None else 0
         self.scorer = MarkerRefusalScorer(settings.refusal_markers)
@@ -97,6 +101,17 @@ class Engine:
 
     # --- setup -------------------------------------------------------------------------------
 
+    def _route_fused_experts(self) -> None:
+        """Put the fused routed experts on the low-rank forward path; any that cannot go there are
+        listed as not edited (never dropped silently)."""
+        failed = experts.install(self.loaded.model, self.fused)
+        if failed:
+            log.warning("these fused expert tensors are NOT edited: %s", "; ".join(failed))
+            self.components.unsupported.extend(failed)
+            names = {f.split(" ")[0] for f in failed}
+            self.fused = [e for e in self.fused if e.name not in names]
+            self.components.fused = [[e for e in layer if e.name not in names] for layer in self.components.fused]
+
     def _attach_lora(self, model):
         from peft import LoraConfig, get_peft_model
 
@@ -108,7 +123,8 @@ class Engine:
             bias="none",
             task_type="CAUSAL_LM",
         )
-        peft_model = get_peft_model(model, config)
+        with experts.peft_targets_kept(model):
+            peft_model = get_peft_model(model, config)
         peft_model.eval()
         self._lora = {}
         for name, module in peft_model.named_modules():
@@ -126,11 +142,27 @@ class Engine:
             "components": self.components.names,
             "modules": len(self.components.module_names()),
             "unsupported": self.components.unsupported,
+            "edited": self.edited_info(),
             "dtype": str(self.loaded.dtype).removeprefix("torch."),
             "device": str(self.model.device),
             "host": socket.gethostname(),
             "load_seconds": self.loaded.load_seconds,
             "response_prefix": self.response_prefix,
+        }
+
+    def edited_info(self) -> dict[str, Any]:
+        """What takes the edit, per layer and in total (check, run start lines and the report)."""
+        per_layer = self.components.edited()
+        totals = {k: sum(row[k] for row in per_layer) for k in per_layer[0]} if per_layer else {}
+        expert_bytes = sum(e.nbytes for e in self.fused)
+        return {
+            "per_layer": per_layer,
+            "totals": totals,
+            "fused_expert_modules": len(self.fused),
+            "fused_layout": sorted({"(E, in, out) x @ W" if e.transposed else "(E, out, in)" for e in self.fused}),
+            "fused_expert_bytes": expert_bytes,
+            "mlp_skipped": self.components.mlp_skipped,
+            "not_edited": list(self.components.unsupported),
         }
 
     def set_response_prefix(self, prefix: str) -> None:
@@ -231,6 +263,7 @@ class Engine:
     def reset(self) -> None:
         for module in self._lora.values():
             torch.nn.init.zeros_(module.lora_B["default"].weight)
+        experts.clear_edits(self.fused)  # the base expert weights were never written: bit-exact
 
     def _base_weight(self, name: str, module) -> torch.Tensor:
         base = module.base_layer.weight
@@ -248,7 +281,9 @@ class Engine:
         self.reset()
         mode = self.settings.row_normalization
         for layer_index, layer in enumerate(self.components.layers):
-            for component, modules in layer.items():
+            fused = self.components.fused[layer_index] if self.components.fused else []
+            present = dict(layer) if not fused else {"mlp.down_proj": [], **layer}
+            for component, modules in present.items():
                 kernel = params.components.get(component)
                 if kernel is None:
                     continue
@@ -256,6 +291,8 @@ class Engine:
                 if w == 0.0:
                     continue  # zero weight: no edit, skip the work
                 v = layer_direction(self.directions, params, layer_index)
+                if component == "mlp.down_proj":
+                    self._apply_fused(layer_index, v, w)
                 for group in self._same_shape_groups(modules):
                     # one batched call for modules that share a shape (a layer's experts)
                     weights = [self._base_weight(name, self._lora[name]) for name in group]
@@ -267,6 +304,13 @@ class Engine:
                         lora_a, lora_b = module.lora_A["default"].weight, module.lora_B["default"].weight
                         lora_a.data = a[i].to(device=lora_a.device, dtype=lora_a.dtype).contiguous()
                         lora_b.data = b[i].to(device=lora_b.device, dtype=lora_b.dtype).contiguous()
+
+    def _apply_fused(self, layer_index: int, v: torch.Tensor, w: float) -> None:
+        """The same per-expert factors a module-list expert's LoRA gets, kept beside the fused tensor."""
+        mode = self.settings.row_normalization
+        for entry in self.components.fused[layer_index]:
+            a, b = experts.expert_factors(entry.weights(), v, w, mode, self.rank, self.seed)
+            experts.set_edit(entry.module, a, b)
 
     def _same_shape_groups(self, modules: list[tuple[str, Any]], max_bytes: int = 256 << 20) -> list[list[str]]:
         """Module names grouped by shape and device, each group's float32 stack at most max_bytes."""

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from . import experts
 from .engine import Engine
 from .passes import render, tokenize
 from .types import Prompt, TrialParams
@@ -68,12 +69,28 @@ def _full_precision_merge(engine: Engine):
 
     base = AutoModelForCausalLM.from_pretrained(engine.loaded.source, dtype=torch.float32, device_map="cpu",
                                                 trust_remote_code=engine.settings.trust_remote_code)
-    peft_model = get_peft_model(base, engine.model.peft_config["default"])
+    with experts.peft_targets_kept(base):
+        peft_model = get_peft_model(base, engine.model.peft_config["default"])
     adapter = {n: p.detach().cpu().float() for n, p in engine.model.named_parameters() if "lora_" in n}
     for name, param in peft_model.named_parameters():
         if name in adapter:
             param.data = adapter[name].to(param.dtype)
-    return peft_model.merge_and_unload()
+    merged = peft_model.merge_and_unload()
+    experts.merge_into(merged, engine.fused)  # fused experts stay full precision under bnb 4-bit
+    return merged
+
+
+def _refuse_adapter_with_fused_edits(engine: Engine) -> None:
+    """A PEFT LoRA adapter holds factors for Linear modules only; heretic-dist's routed-expert edits
+    live beside fused 3-D tensors, which such an adapter cannot carry (PEFT's target_parameters would
+    rebuild the full per-expert delta on every forward and is not what this export writes)."""
+    edited = [e.name for e in engine.fused if experts.edit_of(e.module) is not None]
+    if edited:
+        raise UserError(
+            f"a PEFT adapter cannot hold this trial's edit of the fused routed experts ({len(edited)} layers, "
+            f"e.g. {edited[0]}.down_proj): it holds only the attention, dense-MLP and shared-expert LoRA; "
+            "export the merged model instead (drop --adapter), or run with attention_only = true"
+        )
 
 
 def export_trial(engine: Engine, params: TrialParams, trial: dict[str, Any], out: Path,
@@ -83,6 +100,8 @@ def export_trial(engine: Engine, params: TrialParams, trial: dict[str, Any], out
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
     edited = engine.edited_model(params)
+    if adapter:
+        _refuse_adapter_with_fused_edits(engine)
     expected = _logits(edited, engine, CHECK_PROMPTS)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +117,11 @@ def export_trial(engine: Engine, params: TrialParams, trial: dict[str, Any], out
             kind = "adapter"
         else:
             quantized = engine.settings.quantization != "none"
-            merged = _full_precision_merge(engine) if quantized else edited.merge_and_unload()
+            if quantized:
+                merged = _full_precision_merge(engine)
+            else:
+                merged = edited.merge_and_unload()
+                experts.merge_into(merged, engine.fused)  # the routed-expert edits into the weights
             if quantized:
                 expected = _logits(merged, engine, CHECK_PROMPTS)  # the 4-bit edit itself differs by quantization
             merged.save_pretrained(staging, safe_serialization=True)

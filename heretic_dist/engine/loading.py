@@ -11,12 +11,15 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +201,7 @@ def load_tokenizer(source: str, revision: str | None, trust_remote_code: bool):
     return tokenizer
 
 
-def load_model(settings) -> LoadedModel:
+def load_model(settings: Settings) -> LoadedModel:
     """Try each dtype in `settings.dtypes` until one loads and generates a token."""
     start = time.perf_counter()
     source = resolve_source(settings.model)

@@ -73,6 +73,33 @@ def engine_class(name: str) -> type[TrialEngine]:
     return getattr(importlib.import_module(module_name), attr)
 
 
+def describe_edited(edited: dict[str, Any] | None) -> list[str]:
+    """Lines saying which modules take the edit per layer (from an engine's info()["edited"])."""
+    if not edited or not edited.get("per_layer"):
+        return []
+    labels = (("attention", "attention"), ("dense_mlp", "dense MLP"), ("shared_experts", "shared experts"),
+              ("routed_experts", "routed experts"))
+    groups: list[tuple[int, int, dict[str, int]]] = []  # runs of identical layers
+    for i, row in enumerate(edited["per_layer"]):
+        if groups and groups[-1][2] == row:
+            groups[-1] = (groups[-1][0], i, row)
+        else:
+            groups.append((i, i, row))
+    lines = []
+    for first, last, row in groups:
+        where = f"layer {first}" if first == last else f"layers {first}-{last}"
+        lines.append(f"edits, {where}: " + ", ".join(f"{label} {row.get(key, 0)}" for key, label in labels))
+    if edited.get("fused_expert_modules"):
+        lines.append(f"routed experts: {edited['totals'].get('routed_experts', 0)} in "
+                     f"{edited['fused_expert_modules']} fused expert modules ({', '.join(edited['fused_layout'])}), "
+                     "edited on the forward path")
+    if edited.get("mlp_skipped"):
+        lines.append("MLP not edited (attention_only = true)")
+    if edited.get("not_edited"):
+        lines.append(f"NOT edited (cannot take the edit): {'; '.join(edited['not_edited'])}")
+    return lines
+
+
 # -- engine-side math the driver runs between worker calls ---------------------------------------------
 
 

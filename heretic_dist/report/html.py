@@ -19,6 +19,7 @@ from typing import Any
 import jinja2
 
 from heretic_dist import __version__
+from heretic_dist.engine.protocol import describe_edited
 from heretic_dist.errors import UserError
 from heretic_dist.report import figures
 from heretic_dist.report.data import RunData, Trial, choose_trial, finite, load_run
@@ -163,6 +164,7 @@ def write_report(
         chosen=chosen, chosen_how=_chosen_how(chosen, trial is not None), components=components,
         component_columns=list(COMPONENT_COLUMNS), front_rows=_front_rows(run, components, chosen), work=_work(run),
         key_settings=[(k, settings[k]) for k in KEY_SETTINGS if k in settings],
+        edited_lines=describe_edited(run.manifest.get("edited")),
     )
     for key, png in data.items():
         folder.write_bytes(pngs[key], png)

@@ -26,14 +26,17 @@ import hashlib
 import math
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from heretic_dist.engine.types import COMPONENTS, PartialResult, Prompt, Shard, TrialParams
 
+if TYPE_CHECKING:
+    from heretic_dist.config import Settings
 
-def _get(settings: Any, key: str, default: Any) -> Any:
+
+def _get(settings: Settings | dict[str, Any] | None, key: str, default: Any) -> Any:
     """A knob from a plain dict, or from the `engine_options` of a Settings object."""
     if settings is None:
         value = None
@@ -60,10 +63,10 @@ class FakeEngine:
     """Implements heretic_dist.engine.protocol.TrialEngine without a model."""
 
     @classmethod
-    def model_identity(cls, settings: Any) -> dict[str, str]:
+    def model_identity(cls, settings: Settings) -> dict[str, str]:
         return {"model": str(_get(settings, "model", "fake"))}
 
-    def __init__(self, settings: Any = None):
+    def __init__(self, settings: Settings | dict[str, Any] | None = None):
         start = time.perf_counter()
         if _get(settings, "fake_fail_load", False):
             # wrapped like a real load error (transformers raising over an OSError), so tests see
