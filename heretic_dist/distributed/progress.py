@@ -53,6 +53,7 @@ class Progress:
         self.points: list[Point] = list(points or [])
         self.start = time.perf_counter()
         self.done_here = 0
+        self._stats: tuple[float, dict[str, Any]] | None = None  # (when, pool stats): at most 1 call/s
 
     def told(self, trial: FrozenTrial) -> None:
         try:
@@ -68,18 +69,29 @@ class Progress:
             self.points.append((int(a.get("refusals", 0)), float(a.get("kl", 0.0)), trial.number))
             eta = max(self.n_trials - self.complete, 0) * (time.perf_counter() - self.start) / self.done_here
         busy = workers = None
-        if self.pool_stats is not None:
-            try:
-                stats = self.pool_stats()
-                workers, busy = stats["workers"], len(stats["leased"])
-            except Exception:  # noqa: BLE001 - the display must not cost the run
-                pass
+        stats = self._recent_stats()
+        if stats is not None:
+            workers, busy = stats["workers"], len(stats["leased"])
         self.report(TrialUpdate(
             number=trial.number, complete=complete, refusals=a.get("refusals") if complete else None,
             kl=a.get("kl") if complete else None, seconds=float(a.get("trial_seconds", 0.0)),
             reason=a.get("fail_reason"), done=self.complete, n_trials=self.n_trials, n_bad=self.n_bad,
             eta_s=eta, best=best_point(pareto_front(self.points, point=_same), point=_same),
             busy_workers=busy, workers=workers))
+
+
+    def _recent_stats(self) -> dict[str, Any] | None:
+        """The pool's stats, asked at most once a second: this runs on the Tune controller's thread,
+        where a Ray round trip per trial would add to every trial's overhead."""
+        if self.pool_stats is None:
+            return None
+        now = time.monotonic()
+        if self._stats is None or now - self._stats[0] > 1.0:
+            try:
+                self._stats = (now, self.pool_stats())
+            except Exception:  # noqa: BLE001 - the display must not cost the run
+                return None
+        return self._stats[1]
 
 
 def _same(p: Point) -> Point:
