@@ -34,8 +34,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def _moto_endpoint(tmp_path_factory: pytest.TempPathFactory):
+def moto_executable() -> str:
     # The one installed next to this interpreter first: a moto_server on PATH may be another
     # Python's (older) moto whose multipart upload answers pyarrow cannot parse.
     exe = str(Path(sys.executable).with_name("moto_server"))
@@ -43,22 +42,32 @@ def _moto_endpoint(tmp_path_factory: pytest.TempPathFactory):
         exe = shutil.which("moto_server") or exe
     if not Path(exe).exists():
         pytest.skip("moto_server not installed (pip install 'moto[server]')")
+    return exe
+
+
+def start_moto_server(log: Path) -> tuple[str, subprocess.Popen]:
+    """A real S3 API (moto_server) on a free 127.0.0.1 port, answering; (url, process)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([moto_executable(), "-H", "127.0.0.1", "-p", str(port)], stdout=out,
+                                stderr=subprocess.STDOUT)
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     deadline = time.monotonic() + 30
     while True:
         try:
             opener.open(url + "/moto-api/", timeout=1).read()
-            break
+            return url, proc
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 pytest.fail(f"moto_server did not start: {log.read_text()[-2000:]}")
             time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def _moto_endpoint(tmp_path_factory: pytest.TempPathFactory):
+    url, proc = start_moto_server(tmp_path_factory.mktemp("moto") / "moto.log")
     try:
         yield url
     finally:

@@ -8,12 +8,15 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import free_port, start_moto_server
 
 from heretic_dist import rundir as st
 from heretic_dist.errors import UserError
@@ -34,13 +37,6 @@ from heretic_dist.rundir.storage_errors import storage_error
 REPO = Path(__file__).resolve().parents[1]
 S3_TEST_SECRET = "dummy-secret-Zq8vK3nT"  # the value the s3_server fixture puts in the env
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -406,29 +402,13 @@ def test_object_store_lock_lost_calls_back_and_check_raises(s3_bucket: str, tmp_
 @contextlib.contextmanager
 def _own_moto_server():
     """A moto_server of this test's own, so that the test can kill it (the shared one stays up)."""
-    import urllib.request
-
-    exe = Path(sys.executable).with_name("moto_server")
-    if not exe.exists():
-        pytest.skip("moto_server not installed (pip install 'moto[server]')")
-    url = f"http://127.0.0.1:{free_port()}"
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", url.rsplit(":", 1)[1]],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                opener.open(url + "/moto-api/", timeout=1).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("moto_server did not start")
-                time.sleep(0.2)
-        yield url, proc
-    finally:
-        proc.kill()
-        proc.wait()
+    with tempfile.TemporaryDirectory() as tmp:
+        url, proc = start_moto_server(Path(tmp) / "moto.log")
+        try:
+            yield url, proc
+        finally:
+            proc.kill()
+            proc.wait()
 
 
 LOSER = textwrap.dedent(
