@@ -141,6 +141,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                "cluster.shards_per_trial": args.shards_per_trial, "n_trials": args.n_trials}
     settings = _settings(args, cluster)
     run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
+    if settings.print_residual_geometry or settings.plot_residuals:  # upstream's keys: research first
+        from .research.run import ResearchOptions, research
+
+        found = research(settings, ResearchOptions(run_dir=run_dir, geometry=settings.print_residual_geometry,
+                                                   plots=settings.plot_residuals, sweep=False))
+        if found.geometry:
+            print_geometry(found.geometry)
+        _copy_plots(run_dir, settings.residual_plot_path, found.written)
     with RunProgress() as display:
         outcome = run(settings, RunOptions(run_dir=run_dir, new_run=args.new_run, progress=display.line,
                                            on_trial=display.trial))
@@ -257,6 +265,62 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- research -------------------------------------------------------------------------------------
+
+
+def cmd_research(args: argparse.Namespace) -> int:
+    """Residual geometry, PaCMAP plots and the direction sweep into RUN_DIR/research/."""
+    from pathlib import Path
+
+    from .research.run import ResearchOptions, research
+
+    settings = _settings(args, {"cluster.address": args.address, "cluster.workers": args.workers})
+    chosen = args.geometry or args.plots or args.sweep
+    run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
+    outcome = research(settings, ResearchOptions(
+        run_dir=run_dir, geometry=args.geometry or not chosen, plots=args.plots or not chosen,
+        sweep=args.sweep or not chosen, seed_search=args.seed_search, progress=lambda line: print(line, flush=True)))
+    if outcome.geometry:
+        print_geometry(outcome.geometry)
+    _copy_plots(run_dir, settings.residual_plot_path, outcome.written)
+    print(f"report: {_research_report(run_dir)}")
+    return 0
+
+
+def print_geometry(rows: list[dict[str, Any]]) -> None:
+    from .display import print_table
+    from .research.geometry import COLUMNS
+
+    print_table("Residual geometry per layer (g, b: means; g*, b*: geometric medians; r = b - g)",
+                ["layer", *COLUMNS], [[r["layer"], *(f"{r[c]:.4f}" for c in COLUMNS)] for r in rows],
+                right=["layer", *COLUMNS])
+
+
+def _copy_plots(run_dir: str, folder: str | None, written: list[str]) -> None:
+    if not folder:
+        return
+    from pathlib import Path
+
+    from . import rundir as st
+
+    run, out = st.RunDir(run_dir), Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in written:
+        if name.endswith((".png", ".gif")):
+            (out / Path(name).name).write_bytes(run.read_bytes(name))
+
+
+def _research_report(run_dir: str) -> Any:
+    """report.html with its research section when the run has trials; research/report.html otherwise."""
+    from . import rundir as st
+    from .report import write_report
+    from .report.html import write_research_report
+
+    if st.RunDir(run_dir).exists(st.TRIALS):
+        return write_report(run_dir)
+    return write_research_report(run_dir)
+
+
 # --- batch ----------------------------------------------------------------------------------------
 
 
@@ -315,6 +379,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-trials", type=int, help="complete trials the study should reach")
     p.add_argument("--new-run", action="store_true",
                    help="the run directory holds a run with other settings: archive it and start fresh")
+
+    p = add("research", cmd_research, "residual geometry, PaCMAP plots and the per-layer direction sweep")
+    with_config(p)
+    p.add_argument("--run-dir", help="run directory (default runs/CONFIG-NAME); results go to research/ in it")
+    p.add_argument("--geometry", action="store_true", help="the geometry table per layer (numpy/torch only)")
+    p.add_argument("--plots", action="store_true", help="PaCMAP plots per layer and the animation (research extra)")
+    p.add_argument("--sweep", action="store_true", help="refusals and KL of each layer's direction alone")
+    p.add_argument("--seed-search", type=int, default=0, metavar="N",
+                   help="enqueue the N best sweep trials as the next trials of the run's search")
+    p.add_argument("--address", help="join this Ray cluster ('auto' for the local one); default: start one")
+    p.add_argument("--workers", type=int, help="model workers (each loads the model once)")
 
     p = add("batch", cmd_batch, "run or resume the search for many models from one manifest, on one cluster")
     p.add_argument("manifest", help="batch manifest TOML: [defaults] and [[models]] (see configs/batch-example.toml)")

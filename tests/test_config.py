@@ -310,7 +310,10 @@ def test_result_affecting_contains_search_settings_only():
     ra = s.result_affecting()
     json.dumps(ra)  # JSON-able
     speed_only = {"cluster", "batch_size", "max_batch_size", "prepack_weights", "device_map", "max_memory",
-                  "n_trials", "evaluate_model", "trust_remote_code", "engine_options"}
+                  "n_trials", "evaluate_model", "trust_remote_code", "engine_options",
+                  # research mode's keys (plots and tables, never trial results)
+                  "print_residual_geometry", "plot_residuals", "residual_plot_path", "residual_plot_title",
+                  "residual_plot_style"}
     assert not speed_only & set(ra)
     expected = set(Settings.model_fields) - speed_only
     assert set(ra) == expected
@@ -399,9 +402,14 @@ def test_result_affecting_equals_the_old_explicit_list():
     for s in (Settings(model="m"),
               load_settings(None, {"model": "m", "seed": 3, "engine": "fake", "engine_options": {"x": 1},
                                    "max_memory": {"0": "1GB"}, "cluster.workers": 4})):
-        assert s.result_affecting() == s.model_dump(mode="json", exclude=OLD_NOT_RESULT_AFFECTING | {"engine_options"})
-    # engine_options (new, runtime-only: how an engine runs, e.g. the fake's sleeps) joins the old list
-    assert Settings.runtime_only_fields() == OLD_NOT_RESULT_AFFECTING | {"engine_options"}
+        assert s.result_affecting() == s.model_dump(mode="json", exclude=OLD_NOT_RESULT_AFFECTING | NEW_RUNTIME_ONLY)
+    # engine_options (new, runtime-only: how an engine runs, e.g. the fake's sleeps) and research mode's
+    # plot/table keys join the old list
+    assert Settings.runtime_only_fields() == OLD_NOT_RESULT_AFFECTING | NEW_RUNTIME_ONLY
+
+
+NEW_RUNTIME_ONLY = {"engine_options", "print_residual_geometry", "plot_residuals", "residual_plot_path",
+                    "residual_plot_title", "residual_plot_style"}
 
 
 def test_engine_is_result_affecting_and_its_options_are_not():

@@ -240,6 +240,18 @@ class Settings(BaseModel):
         description="On CPU, keep float32 linear weights also in oneDNN's prepacked layout: forwards "
         "2-3x faster for one more copy of those weights in memory (skipped when memory is short)",
     )
+    # research mode (`heretic-dist research`; upstream's keys): they change no trial result
+    print_residual_geometry: bool = runtime_only(
+        default=False, description="Before the search, print the residual geometry table per layer (research mode)")
+    plot_residuals: bool = runtime_only(
+        default=False, description="Before the search, draw the PaCMAP residual plots per layer (research mode)")
+    residual_plot_path: str | None = runtime_only(
+        default=None, description="Also copy the research PNGs and GIF to this folder (unset: only research/)")
+    residual_plot_title: str = runtime_only(
+        default='PaCMAP Projection of Residual Vectors for "Harmless" and "Harmful" Prompts',
+        description="Title of the research plots")
+    residual_plot_style: str = runtime_only(
+        default="dark_background", description="Matplotlib style of the research plots")
     engine: str = Field(
         default="hf", description='Engine that runs the trials, by name: "hf" (transformers) or "fake" (tests)'
     )

@@ -14,11 +14,6 @@ log = logging.getLogger(__package__)
 IGNORED_UPSTREAM_KEYS: dict[str, str] = {  # key -> why it has no effect here
     "offload_outputs_to_cpu": "heretic-dist always keeps analysis tensors where it needs them",
     "print_responses": "not supported",
-    "print_residual_geometry": "not supported",
-    "plot_residuals": "not supported",
-    "residual_plot_path": "not supported",
-    "residual_plot_title": "not supported",
-    "residual_plot_style": "not supported",
     "study_checkpoint_dir": "the study lives in the run directory",
     "benchmarks": "not supported",
     "export_strategy": "use `heretic-dist export` to choose merge or adapter",

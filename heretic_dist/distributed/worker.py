@@ -101,6 +101,11 @@ class ModelWorker:
             sums, count = self._engine().residual_sums(prompts)
         return sums.detach().to("cpu").double(), int(count)
 
+    def residuals(self, prompts: list[Prompt]):
+        """First-token residuals per prompt, (n, L+2, d) float32 CPU tensor (research mode)."""
+        with self._lock:
+            return self._engine().residuals(prompts).detach().to("cpu").float()
+
     def set_directions(self, directions) -> None:
         """Called with an ObjectRef from ray.put: Ray resolves it once per worker."""
         import torch

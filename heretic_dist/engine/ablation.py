@@ -46,6 +46,8 @@ def global_direction(directions: torch.Tensor, index: float) -> torch.Tensor:
     """Interpolate between rows k and k+1 for a float layer index (row 0 is the embedding)."""
     alpha, whole = math.modf(index + 1)
     k = int(whole)
+    if alpha == 0.0:  # a whole index (the last row has no next one to interpolate with)
+        return F.normalize(directions[k], p=2, dim=0)
     return F.normalize(directions[k].lerp(directions[k + 1], alpha), p=2, dim=0)
 
 

@@ -220,6 +220,13 @@ class Engine:
             self.model, self.tokenizer, prompts, self.response_prefix, b,
             self.settings.winsorization_quantile))
 
+    def residuals(self, prompts: list[Prompt]) -> torch.Tensor:
+        """First-token residuals of the unedited model per prompt: (n, L+2 rows, d), float32."""
+        self.reset()
+        return self._with_batch("forward", lambda b: passes.residuals(
+            self.model, self.tokenizer, prompts, self.response_prefix, b,
+            self.settings.winsorization_quantile))
+
     def logprobs(self, prompts: list[Prompt]) -> torch.Tensor:
         return self._with_batch("forward", lambda b: passes.logprobs(
             self.model, self.tokenizer, prompts, self.response_prefix, b, self.sort_by_length))

@@ -127,6 +127,22 @@ def residual_sums(
     return total, len(prompts)
 
 
+def residuals(
+    model, tokenizer, prompts: list[Prompt], response_prefix: str, batch_size: int, quantile: float
+) -> torch.Tensor:
+    """The (winsorized) first-token residuals themselves, float32 on the CPU: (n, L+1, d).
+    Their float64 sum is what residual_sums returns (research mode stores them)."""
+    capture = last_position_hidden_states if hooks_capture_correctly(model, tokenizer) else \
+        all_hidden_states_at_last_position
+    parts = []
+    for batch in batches(prompts, batch_size):
+        inputs = tokenize(tokenizer, render(tokenizer, batch, response_prefix), model.device)
+        parts.append(winsorize(capture(model, inputs), quantile).to(torch.float32).cpu())
+    if not parts:
+        raise ValueError("residuals needs at least one prompt")
+    return torch.cat(parts)
+
+
 def by_length(tokenizer, texts: list[str]) -> list[int]:
     """Indices of texts, longest first: batches of similar length waste less compute on padding."""
     lengths = [len(ids) for ids in tokenizer(texts, return_token_type_ids=False)["input_ids"]]

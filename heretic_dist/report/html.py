@@ -165,11 +165,56 @@ def write_report(
         component_columns=list(COMPONENT_COLUMNS), front_rows=_front_rows(run, components, chosen), work=_work(run),
         key_settings=[(k, settings[k]) for k in KEY_SETTINGS if k in settings],
         edited_lines=describe_edited(run.manifest.get("edited")),
+        research=research_context(RunDir(run.uri), folder),
     )
     for key, png in data.items():
         folder.write_bytes(pngs[key], png)
     folder.write_bytes(name, page)
     return _result(folder, name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Research section (research/ in the run directory)
+
+RESEARCH = "research"
+
+
+def research_context(run: RunDir, folder: RunDir) -> dict[str, Any] | None:
+    """What the research section shows; None when the run directory has no research results."""
+    from heretic_dist.research.geometry import COLUMNS
+
+    names = {"geometry": f"{RESEARCH}/geometry.parquet", "sweep": f"{RESEARCH}/sweep.parquet"}
+    pngs = {"geometry_png": f"{RESEARCH}/geometry.png", "sweep_png": f"{RESEARCH}/sweep.png",
+            "animation": f"{RESEARCH}/animation.gif"}
+    if not any(run.exists(n) for n in (*names.values(), pngs["animation"])):
+        return None
+    base = "" if folder.uri == run.uri else f"{run.uri.rstrip('/')}/"  # links work when written beside research/
+    out: dict[str, Any] = {"columns": list(COLUMNS)}
+    for key, name in names.items():
+        out[key] = run.read_parquet(name) if run.exists(name) else []
+    for key, name in pngs.items():
+        out[key] = base + name if run.exists(name) else None
+    out["layers"] = [base + f"{RESEARCH}/layer_{r:03d}.png" for r in range(len(out["geometry"]))
+                     if run.exists(f"{RESEARCH}/layer_{r:03d}.png")]
+    return out
+
+
+def write_research_report(run_uri: str | os.PathLike[str]) -> Path | str:
+    """research/report.html on its own, for a run directory that has research results but no trials."""
+    run = RunDir(str(run_uri))
+    folder = RunDir(f"{run.uri.rstrip('/')}/{RESEARCH}") if "://" in run.uri else RunDir(str(Path(str(run_uri)) / RESEARCH))
+    context = research_context(run, run)
+    if context is None:
+        raise UserError(f"{run.uri} has no research results (run heretic-dist research)")
+    for key in ("geometry_png", "sweep_png", "animation"):  # the page sits inside research/
+        if context[key]:
+            context[key] = context[key].split("/", 1)[1]
+    context["layers"] = [p.split("/", 1)[1] for p in context["layers"]]
+    manifest = run.read_json("manifest.json") if run.exists("manifest.json") else {}
+    model = (manifest.get("model") or {}).get("model", "") if isinstance(manifest.get("model"), dict) else ""
+    page = _render("research.html.j2", research=context, model=model or run.uri, uri=run.uri)
+    folder.write_bytes("report.html", page)
+    return _result(folder, "report.html")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -123,6 +123,15 @@ class FakeEngine:
         time.sleep(self.prompt_seconds * len(prompts))
         return total, len(prompts)
 
+    def residuals(self, prompts: list[Prompt]) -> torch.Tensor:
+        """The per-prompt vectors whose float64 sum residual_sums returns, as float32 (n, L+2, d)."""
+        rows = []
+        for p in prompts:
+            gen = torch.Generator().manual_seed(_seed(f"{p.system}\x00{p.user}\x00{self.prefix}"))
+            rows.append(torch.randn(self.n_layers + 2, self.hidden_size, generator=gen, dtype=torch.float64))
+        time.sleep(self.prompt_seconds * len(prompts))
+        return torch.stack(rows).to(torch.float32)
+
     def set_directions(self, directions: torch.Tensor) -> None:
         expected = (self.n_layers + 2, self.hidden_size)
         if tuple(directions.shape) != expected:
