@@ -87,8 +87,7 @@ def test_searcher_tells_each_trial_once_with_its_record(tmp_path):
     path = tmp_path / "study.journal"
     open_study(path, "s")
     told = []
-    searcher = StudySearcher(path, "s", SearchSpace(N_LAYERS), make_sampler(2, seed=1), on_told=told.append,
-                             budget=3)
+    searcher = StudySearcher(path, "s", SearchSpace(N_LAYERS), make_sampler(2, seed=1), on_told=told.append)
     a, b, c = (searcher.suggest(t) for t in ("ta", "tb", "tc"))
     assert set(a) == set(b) == set(suggest_params(optuna.create_study().ask(), N_LAYERS))
     record = json.dumps({"refusals": 3, "kl": 0.1, "worker_ids": ["w0"]})
@@ -103,23 +102,3 @@ def test_searcher_tells_each_trial_once_with_its_record(tmp_path):
     assert "Tune trial process failed" in trials[1].user_attrs["fail_reason"]
     assert trials[2].user_attrs["fail_reason"] == "interrupted in a test"
     assert [t.number for t in told] == [0, 1] and searcher.told == {0: "COMPLETE", 1: "FAIL"}
-
-
-def test_asking_ahead_stays_within_the_budget_and_a_leftover_is_failed(tmp_path):
-    pytest.importorskip("ray")
-    from heretic_dist.distributed.tune import StudySearcher
-
-    path = tmp_path / "study.journal"
-    open_study(path, "s")
-    searcher = StudySearcher(path, "s", SearchSpace(N_LAYERS), make_sampler(2, seed=1), budget=2)
-    first = searcher.suggest("t0")  # asks t0 now and t1 ahead
-    assert searcher._ahead is not None
-    second = searcher.suggest("t1")  # takes the one asked ahead; the budget allows no third
-    assert searcher._ahead is None and first != second
-    assert [t.state for t in plain_study(path).trials] == [TrialState.RUNNING] * 2
-    # without a budget one trial is asked ahead; when the round ends it is failed, not left RUNNING
-    unbounded = StudySearcher(path, "s", SearchSpace(N_LAYERS), make_sampler(2, seed=2))
-    unbounded.suggest("u0")
-    assert sorted(unbounded.fail_untold("round over")) == [2, 3]
-    assert sorted(searcher.fail_untold("round over")) == [0, 1]
-    assert all(t.state == TrialState.FAIL for t in plain_study(path).trials)

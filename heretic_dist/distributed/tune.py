@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -166,8 +165,7 @@ class StudySearcher(Searcher):
     """A Ray Tune Searcher whose suggestions are Optuna trials of one study; tells each exactly once."""
 
     def __init__(self, storage: Any, study_name: str, space: SearchSpace, sampler: optuna.samplers.BaseSampler,
-                 on_told: Callable[[FrozenTrial], None] | None = None, budget: int | None = None,
-                 ask_ahead: bool = True):
+                 on_told: Callable[[FrozenTrial], None] | None = None):
         super().__init__(metric=list(METRICS), mode=["min", "min"])
         self.storage = open_storage(storage)
         self.study = optuna.load_study(study_name=study_name, storage=self.storage, sampler=sampler)
@@ -176,34 +174,17 @@ class StudySearcher(Searcher):
         self.asked: dict[str, optuna.Trial] = {}  # Tune trial id -> the Optuna trial asked for it
         self.finished: set[str] = set()
         self.told: dict[int, str] = {}  # trial number -> state name, for this session
-        # Asking ahead: the next suggestion is sampled on a thread of its own while trials run, so the
-        # TPE ask (10-20 ms, growing with the study) is off the Tune controller's loop. It is one more
-        # pending trial for constant liar, as one more worker would be. `budget` (Tune's num_samples)
-        # bounds it, so a round that ends normally leaves no trial asked and unused.
-        self.budget, self.ask_ahead, self.suggested = budget, ask_ahead, 0
-        self._ahead: Future[tuple[optuna.Trial, dict[str, Any]]] | None = None
-        self._asker: ThreadPoolExecutor | None = None
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         return True  # metric, mode and space are fixed at construction
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        ahead, self._ahead = self._ahead, None
-        trial, params = ahead.result() if ahead is not None else self._ask()
-        self.asked[trial_id] = trial
-        self.suggested += 1
-        if self.ask_ahead and (self.budget is None or self.suggested < self.budget):
-            if self._asker is None:
-                self._asker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heretic-ask")
-            self._ahead = self._asker.submit(self._ask)
-        return params
-
-    def _ask(self) -> tuple[optuna.Trial, dict[str, Any]]:
         # the ask and its ~11 parameter lines: 2 journal appends instead of 12
         with grouped(self.storage):
             trial = self.study.ask()
             params = self.space(trial)
-        return trial, params
+        self.asked[trial_id] = trial
+        return params
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self.finished or trial_id not in self.asked:
@@ -246,17 +227,7 @@ class StudySearcher(Searcher):
                 log.warning("after trial %d: %s", trial.number, exc)
 
     def fail_untold(self, reason: str) -> list[int]:
-        """Fail every trial this searcher asked but never told (e.g. the run was interrupted), including
-        one asked ahead that Tune never took."""
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None:
-            try:
-                self.asked[f"asked-ahead-{id(ahead)}"] = ahead.result()[0]
-            except Exception as exc:  # noqa: BLE001 - the ask failed: no trial to fail
-                log.warning("an ask ahead failed: %s", exc)
-        if self._asker is not None:
-            self._asker.shutdown(wait=True)
-            self._asker = None
+        """Fail every trial this searcher asked but never told (e.g. the run was interrupted)."""
         failed = []
         for trial_id, trial in list(self.asked.items()):
             if trial_id in self.finished:
@@ -274,7 +245,7 @@ class StudySearcher(Searcher):
     # The Tuner pickles its searcher into its own state file; the callback (progress display, run
     # directory) stays in this process: a restored searcher would be a new one anyway (see save).
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "on_told": None, "_ahead": None, "_asker": None}
+        return {**self.__dict__, "on_told": None}
 
     # The study file is the source of truth and a resume builds a fresh searcher: nothing to checkpoint.
     def save(self, checkpoint_path: str) -> None:
@@ -317,7 +288,7 @@ def build_tuner(setup: TrialSetup, spec: SearchSpec, storage: Any, study_name: s
         storage, study_name,
         SearchSpace(setup.n_layers, setup.allow_mlp_off, tuple(components) if components else None),
         make_sampler(spec.n_startup_trials, spec.seed, n_existing, spec.n_ei_candidates),
-        on_told=on_told, budget=num_samples,
+        on_told=on_told,
     )
     node_resource = f"node:{ray.util.get_node_ip_address()}"
     trainable = tune.with_resources(tune.with_parameters(trial_function, setup=setup),
