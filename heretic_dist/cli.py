@@ -249,7 +249,8 @@ def cmd_export(args: argparse.Namespace) -> int:
               "base_refusals": manifest.get("base_refusals"), "kl": trial.user_attrs.get("kl"),
               "run_id": manifest["run_id"], "model": manifest["model"]}
     result = export_trial(engine, params, record, out, adapter=args.adapter, overwrite=args.overwrite)
-    print(f"exported trial {trial.number} as a {result.kind} to {result.path} "
+    what = "merged model" if result.kind == "merged" else "PEFT adapter"
+    print(f"exported trial {trial.number} as a {what} to {result.path} "
           f"(reloaded; max logit difference {result.max_abs_logit_diff:.1e})")
     return 0
 
