@@ -313,7 +313,9 @@ def test_result_affecting_contains_search_settings_only():
                   "n_trials", "evaluate_model", "trust_remote_code", "engine_options",
                   # research mode's keys (plots and tables, never trial results)
                   "print_residual_geometry", "plot_residuals", "residual_plot_path", "residual_plot_title",
-                  "residual_plot_style"}
+                  "residual_plot_style",
+                  # read after the search (evaluate-front), never by a trial
+                  "evaluation"}
     assert not speed_only & set(ra)
     expected = set(Settings.model_fields) - speed_only
     assert set(ra) == expected

@@ -24,6 +24,7 @@ except ModuleNotFoundError:  # Python 3.10: the `tomli` backport, a dependency t
 
 from heretic_dist.errors import UserError
 
+from .evaluation import EVALUATION_PROMPT_SETS
 from .messages import explain, format_value
 from .schema import PROMPT_SET_KEYS, TABLES, PromptSetSpec, Settings, drop_none
 from .upstream import IGNORED_PROMPT_SET_KEYS, IGNORED_UPSTREAM_KEYS, warn_ignored_key, warn_ignored_prompt_set_key
@@ -182,8 +183,9 @@ def _check_table_keys(table: str, values: dict[str, Any], model: type[BaseModel]
 
 def _resolve_dataset_paths(data: dict[str, Any], base: Path) -> None:
     """A relative dataset path in the file means relative to the file, when it exists there."""
-    for key in PROMPT_SET_KEYS:
-        spec = data.get(key)
+    evaluation = data.get("evaluation") if isinstance(data.get("evaluation"), dict) else {}
+    specs = [data.get(key) for key in PROMPT_SET_KEYS] + [evaluation.get(k) for k in EVALUATION_PROMPT_SETS]
+    for spec in specs:
         if not isinstance(spec, dict):
             continue
         ds = spec.get("dataset")

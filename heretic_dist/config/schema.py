@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
-STRICT = ConfigDict(strict=True, extra="forbid", validate_default=False)
+from .evaluation import EvaluationSettings
+from .prompt_sets import STRICT, PromptSetSpec
 
 RUNTIME_ONLY = "runtime_only"  # the json_schema_extra marker `runtime_only()` puts on a field
 
@@ -25,33 +26,6 @@ def runtime_only(**field_args: Any) -> Any:
 def is_runtime_only(field: FieldInfo) -> bool:
     extra = field.json_schema_extra
     return isinstance(extra, dict) and bool(extra.get(RUNTIME_ONLY))
-
-
-class PromptSetSpec(BaseModel):
-    """Where a prompt set comes from. Same keys as upstream's DatasetSpecification."""
-
-    model_config = STRICT
-
-    dataset: str = Field(
-        description="Hugging Face dataset id, local file (.txt .jsonl .json .csv .parquet), "
-        "a folder saved by `datasets`, or builtin:NAME"
-    )
-    split: str | None = Field(
-        default=None,
-        description='Rows to use, e.g. "train[:400]", "[100:200]"; for single files only the slice counts',
-    )
-    column: str | None = Field(
-        default=None, description='Column holding the prompt text (unset: "text"; ignored for .txt)'
-    )
-    system_prompt: str | None = Field(
-        default=None, description="System prompt for this set (unset: the global system_prompt)"
-    )
-    prefix: str = Field(default="", description="Text put before each prompt (joined with a space)")
-    suffix: str = Field(default="", description="Text put after each prompt (joined with a space)")
-    commit: str | None = Field(default=None, description="Revision of a hub dataset")
-    # Upstream plot cosmetics (config/upstream.py): accepted for compatibility, never used.
-    residual_plot_label: str | None = Field(default=None, exclude=True)
-    residual_plot_color: str | None = Field(default=None, exclude=True)
 
 
 class ClusterSettings(BaseModel):
@@ -261,6 +235,9 @@ class Settings(BaseModel):
         default_factory=dict, description="Options passed to the engine (e.g. the fake engine's knobs)"
     )
     cluster: ClusterSettings = runtime_only(default_factory=ClusterSettings, description="Ray cluster")
+    evaluation: EvaluationSettings = runtime_only(
+        default_factory=EvaluationSettings, description="How evaluate-front measures the finalists (config/evaluation.py)"
+    )
 
     @field_validator("chain_of_thought_skips", mode="before")
     @classmethod
@@ -304,6 +281,7 @@ PROMPT_SET_KEYS = ("good_prompts", "bad_prompts", "good_evaluation_prompts", "ba
 # The settings keys that are tables, and the model of each.
 TABLES: dict[str, type[BaseModel]] = {name: PromptSetSpec for name in PROMPT_SET_KEYS}
 TABLES["cluster"] = ClusterSettings
+TABLES["evaluation"] = EvaluationSettings
 
 
 def drop_none(value: Any) -> Any:
