@@ -21,6 +21,7 @@ from heretic_dist.config import (
     merge_tables,
     settings_from_layers,
 )
+from heretic_dist.config.evaluation import EvaluationSettings
 from heretic_dist.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -360,6 +361,7 @@ def _all_keys() -> list[str]:
     for table in ("good_prompts", "bad_prompts", "good_evaluation_prompts", "bad_evaluation_prompts"):
         keys += [f"{table}.{k}" for k in PromptSetSpec.model_fields if not k.startswith("residual_plot")]
     keys += [f"cluster.{k}" for k in ClusterSettings.model_fields]
+    keys += [f"evaluation.{k}" for k in EvaluationSettings.model_fields]
     return keys
 
 
@@ -411,7 +413,7 @@ def test_result_affecting_equals_the_old_explicit_list():
 
 
 NEW_RUNTIME_ONLY = {"engine_options", "print_residual_geometry", "plot_residuals", "residual_plot_path",
-                    "residual_plot_title", "residual_plot_style"}
+                    "residual_plot_title", "residual_plot_style", "evaluation"}
 
 
 def test_engine_is_result_affecting_and_its_options_are_not():
