@@ -9,6 +9,7 @@ import sys
 from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import UserError
+from .display import print_evaluation, print_front, print_geometry
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -153,8 +154,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         outcome = run(settings, RunOptions(run_dir=run_dir, new_run=args.new_run, progress=display.line,
                                            on_trial=display.trial))
     print()
-    print_front(outcome.pareto, outcome.info["base_refusals"], outcome.info["n_bad"])
+    print_front(outcome.pareto, outcome.info["base_refusals"], outcome.info["n_bad"], outcome.evaluation)
     print()
+    if outcome.evaluation:
+        print_evaluation(outcome.evaluation)
+        print()
     print(f"{outcome.complete} complete, {outcome.failed} failed trials in the study; "
           f"{outcome.loads_total} model loads ({outcome.replacements} replacements); {outcome.seconds:.0f} s")
     if outcome.complete < settings.n_trials:
@@ -165,18 +169,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if outcome.pareto:
         print(f"export one: heretic-dist export {run_dir} --trial {outcome.pareto[0]['number']} --out DIR")
     return 0
-
-
-def print_front(front: list[dict[str, Any]], base_refusals: Any, n_bad: Any) -> None:
-    """The Pareto front table (search/front.py's one front) that run and status print."""
-    from .display import print_table
-    from .search.front import front_table
-
-    cells = front_table(front)
-    print_table(f"Pareto front (base model: {base_refusals}/{n_bad} refusals, KL 0)",
-                ["trial", "refusals", "KL", "scope", "index"],
-                [[c["trial"], c["refusals"], c["KL"], c["scope"], c["index"]] for c in cells],
-                right=["trial", "refusals", "KL"])
 
 
 def _open_run(run_uri: str):
@@ -212,7 +204,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     durations = [r["duration_s"] for r in rows if r["state"] == "COMPLETE" and r["duration_s"]]
     if durations:
         print(f"mean trial time: {sum(durations) / len(durations):.1f} s (per worker group)")
-    print_front(pareto_front(rows), manifest.get("base_refusals", "?"), manifest.get("n_bad_prompts", "?"))
+    from .evaluation.front import stored_rows
+    from .evaluation.rows import evaluated_refusals
+
+    evaluation = stored_rows(run)
+    print_front(pareto_front(rows), manifest.get("base_refusals", "?"), manifest.get("n_bad_prompts", "?"), evaluation)
+    base = next((r for r in evaluation if r["trial"] == -1), None)
+    if base is not None:
+        print(f"evaluation {base['eval_key']} ({len(evaluation) - 1} candidates): base model "
+              f"{evaluated_refusals(base)} refusals; heretic-dist report {args.run_dir} shows every measure")
     return 0
 
 
@@ -255,6 +255,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate_front(args: argparse.Namespace) -> int:
+    """Measure the front's candidates on held-out prompts with long replies and a judge."""
+    from .evaluation.front import EvaluateOptions, evaluate_front
+
+    trials = _trial_list(args.trials) if args.trials else None
+    cluster = {"address": args.address, "workers": args.workers, "cpus_per_worker": args.cpus_per_worker,
+               "gpus_per_worker": args.gpus_per_worker}
+    outcome = evaluate_front(EvaluateOptions(run_dir=args.run_dir, trials=trials, top=args.top, config=args.config,
+                                             cluster=cluster, overrides=_parse_set(args.set),
+                                             progress=lambda line: print(line, flush=True)))
+    print()
+    print_evaluation(outcome.rows)
+    done = f"{len(outcome.evaluated)} measured now, {len(outcome.reused)} already in evaluation.parquet"
+    print(f"{done}; judge: {outcome.judge_stats}; {outcome.seconds:.0f} s")
+    return 0
+
+
+def _trial_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"--trials {text!r}: give trial numbers separated by commas, e.g. --trials 12,40") from None
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_batch_report, write_report
 
@@ -286,15 +310,6 @@ def cmd_research(args: argparse.Namespace) -> int:
     _copy_plots(run_dir, settings.residual_plot_path, outcome.written)
     print(f"report: {_research_report(run_dir)}")
     return 0
-
-
-def print_geometry(rows: list[dict[str, Any]]) -> None:
-    from .display import print_table
-    from .research.geometry import COLUMNS
-
-    print_table("Residual geometry per layer (g, b: means; g*, b*: geometric medians; r = b - g)",
-                ["layer", *COLUMNS], [[r["layer"], *(f"{r[c]:.4f}" for c in COLUMNS)] for r in rows],
-                right=["layer", *COLUMNS])
 
 
 def _copy_plots(run_dir: str, folder: str | None, written: list[str]) -> None:
@@ -413,6 +428,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="store_true", help="save a PEFT adapter instead of a merged model")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--device-map", default="cpu", help="where to rebuild the model (default cpu)")
+
+    p = add("evaluate-front", cmd_evaluate_front,
+            "measure the front's candidates: held-out prompts, long replies, a judge, over-refusal, damage")
+    p.add_argument("run_dir", help="run directory")
+    choice = p.add_mutually_exclusive_group()
+    choice.add_argument("--trials", help="evaluate these trials, e.g. 12,40 (default: the Pareto front)")
+    choice.add_argument("--top", type=int, help="evaluate the K front trials nearest the best point")
+    p.add_argument("--config", help="evaluation config TOML (see configs/evaluation.toml), or a run config "
+                                    "with an [evaluation] table")
+    p.add_argument("--address", help="join this Ray cluster ('auto' for the local one); default: start one")
+    p.add_argument("--workers", type=int, help="model workers (each loads the model once)")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs per worker")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (fractions share a GPU)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting that changes no result, e.g. --set batch_size=8 (repeatable)")
 
     p = add("report", cmd_report, "write report.html (Pareto front, history, kernel) and PNGs")
     p.add_argument("run_dir", help="run directory (or batch directory with --batch)")

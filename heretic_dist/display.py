@@ -7,7 +7,7 @@ no colour, so they stay readable in a log and greppable in tests.
 from __future__ import annotations
 
 import sys
-from typing import IO, Sequence
+from typing import IO, Any, Sequence
 
 
 def is_terminal(stream: IO[str] | None = None) -> bool:
@@ -96,3 +96,42 @@ class RunProgress:
         if self._task is None:
             self._task = self._bar.add_task("trials", total=u.n_trials, best=best, busy=busy)
         self._bar.update(self._task, completed=u.done, best=best, busy=busy)
+
+
+def print_front(front: list[dict[str, Any]], base_refusals: Any, n_bad: Any,
+                evaluation: list[dict[str, Any]] | None = None) -> None:
+    """The Pareto front table (search/front.py's one front) that run and status print; with an
+    evaluation (evaluation.parquet's latest rows), its judged refusals as one more column."""
+    from .search.front import front_table
+
+    cells = front_table(front)
+    columns = ["trial", "refusals", "KL", "scope", "index"]
+    rows = [[c["trial"], c["refusals"], c["KL"], c["scope"], c["index"]] for c in cells]
+    if evaluation:
+        from .evaluation.rows import evaluated_refusals
+
+        judged = {str(r["trial"]): evaluated_refusals(r) for r in evaluation}
+        columns.append(f"evaluated refusals ({evaluation[0]['judge']}, {evaluation[0]['max_response_length']} tokens)")
+        rows = [row + [judged.get(row[0], "-")] for row in rows]
+    print_table(f"Pareto front (base model: {base_refusals}/{n_bad} refusals, KL 0)", columns, rows,
+                right=["trial", "refusals", "KL", *columns[5:]])
+
+
+def print_geometry(rows: list[dict[str, Any]]) -> None:
+    from .research.geometry import COLUMNS
+
+    print_table("Residual geometry per layer (g, b: means; g*, b*: geometric medians; r = b - g)",
+                ["layer", *COLUMNS], [[r["layer"], *(f"{r[c]:.4f}" for c in COLUMNS)] for r in rows],
+                right=["layer", *COLUMNS])
+
+
+def print_evaluation(rows: list[dict[str, Any]]) -> None:
+    from .evaluation.rows import table_cells
+
+    headers, cells = table_cells(rows)
+    title = "Evaluation of the candidates"
+    if rows:
+        r = rows[0]
+        kl = f", KL over {r['kl_tokens']} tokens" if r.get("kl_tokens") else ""
+        title += f" (judge {r['judge']}, {r['max_response_length']}-token replies{kl})"
+    print_table(title, headers, cells, right=headers[1:])

@@ -133,3 +133,33 @@ class EvaluationSettings(BaseModel):
 
 
 EVALUATION_PROMPT_SETS = ("harmful_prompts", "over_refusal_prompts", "damage_prompts", "text_prompts")
+
+
+def load_evaluation_file(path: str) -> EvaluationSettings:
+    """An evaluation config: the [evaluation] keys at the top level, or a run config's [evaluation]
+    table (its other keys are not read). Relative dataset paths are relative to the file."""
+    from pathlib import Path
+
+    from pydantic import ValidationError
+
+    from heretic_dist.errors import UserError
+
+    from .load import read_toml_file
+
+    file = Path(path)
+    data = read_toml_file(file, "evaluation config")
+    table = data["evaluation"] if isinstance(data.get("evaluation"), dict) else data
+    for name in EVALUATION_PROMPT_SETS:
+        spec = table.get(name)
+        dataset = spec.get("dataset") if isinstance(spec, dict) else None
+        if isinstance(dataset, str) and dataset and not dataset.startswith("builtin:"):
+            candidate = file.parent / Path(dataset).expanduser()
+            if not Path(dataset).expanduser().is_absolute() and candidate.exists():
+                spec["dataset"] = str(candidate)
+    try:
+        return EvaluationSettings.model_validate(table)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "evaluation"
+        message = first["msg"].removeprefix("Value error, ")
+        raise UserError(f"{path}: evaluation key '{where}': {message}") from None

@@ -56,6 +56,7 @@ class RunOutcome:
     replacements: int
     seconds: float
     info: dict[str, Any] = field(default_factory=dict)
+    evaluation: list[dict[str, Any]] = field(default_factory=list)  # [evaluation] enabled: its rows
 
 
 def _now() -> str:
@@ -245,7 +246,13 @@ def _run_with_ray(ctx: RunContext) -> RunOutcome:
         _set_up_workers(ctx)
         _write_manifest(ctx)
         summary = _search(ctx)
-        return _finish(ctx, summary)
+        outcome = _finish(ctx, summary)
+        if ctx.settings.evaluation.enabled and outcome.complete >= ctx.settings.n_trials:
+            from ..evaluation.front import evaluate_after_run
+
+            settings = ctx.settings.model_copy(update={"response_prefix": ctx.prefix})
+            outcome.evaluation = evaluate_after_run(ctx.pool, settings, ctx.run_dir, ctx.say).rows
+        return outcome
     finally:
         ctx.pool.shutdown()
 

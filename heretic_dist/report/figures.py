@@ -299,3 +299,29 @@ def kernel_png(run: RunData, trial: Trial) -> bytes:
     ax.set_title(f"Layer weights of trial #{trial.number}: {trial.refusals}/{trial.n_bad} refusals, "
                  f"KL {trial.kl:.4g}", fontsize=11)
     return _png(fig)
+
+
+def evaluation_png(rows: list[dict[str, Any]]) -> bytes:
+    """Candidates of an evaluation: judged refusal rate against damage (multi-token KL, or the
+    search's KL when the evaluation measured none), the base model marked; over-refusal beside each."""
+    fig = _figure(6.4, 4.0)
+    ax = fig.add_subplot()
+    use_kl = any(r.get("kl") is not None for r in rows)
+    for r in rows:
+        rate = r.get("refusal_rate")
+        damage = r.get("kl") if use_kl else r.get("search_kl")
+        if rate is None or damage is None:
+            continue
+        base = r["trial"] == -1
+        ax.scatter([damage], [100 * rate], s=60 if base else 36, zorder=3,
+                   color=COLORS["base"] if base else COLORS["pareto"], marker="s" if base else "o")
+        label = "base" if base else f"#{r['trial']}"
+        if r.get("over_refusal_rate") is not None:
+            label += f" (over {100 * r['over_refusal_rate']:.0f}%)"
+        ax.annotate(label, (damage, 100 * rate), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel(f"KL over the base model's first {rows[0].get('kl_tokens')} reply tokens" if use_kl and rows
+                  else "KL (search, first token)")
+    ax.set_ylabel(f"refusals, judge {rows[0].get('judge', '?') if rows else '?'} (%)")
+    ax.set_ylim(bottom=-3, top=103)
+    _grid(ax)
+    return _png(fig)

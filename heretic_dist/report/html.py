@@ -157,6 +157,10 @@ def write_report(
     if chosen is not None and chosen.decoded:
         pngs["kernel"] = f"{stem}-kernel.png"
         data["kernel"] = figures.kernel_png(run, chosen)
+    evaluation, evaluation_png = evaluation_context(RunDir(run.uri), f"{stem}-evaluation.png")
+    if evaluation_png is not None:
+        pngs["evaluation"] = evaluation["png"]
+        data["evaluation"] = evaluation_png
     components = _component_names(run.pareto)
     settings = run.manifest.get("settings") or {}
     page = _render(
@@ -165,12 +169,28 @@ def write_report(
         component_columns=list(COMPONENT_COLUMNS), front_rows=_front_rows(run, components, chosen), work=_work(run),
         key_settings=[(k, settings[k]) for k in KEY_SETTINGS if k in settings],
         edited_lines=describe_edited(run.manifest.get("edited")),
-        research=research_context(RunDir(run.uri), folder),
+        research=research_context(RunDir(run.uri), folder), evaluation=evaluation,
     )
     for key, png in data.items():
         folder.write_bytes(pngs[key], png)
     folder.write_bytes(name, page)
     return _result(folder, name)
+
+
+def evaluation_context(run: RunDir, png: str) -> tuple[dict[str, Any] | None, bytes | None]:
+    """What the evaluation section shows, and its PNG; (None, None) when the run has no evaluation."""
+    from heretic_dist.evaluation.front import stored_rows
+    from heretic_dist.evaluation.rows import table_cells
+
+    rows = stored_rows(run)
+    if not rows:
+        return None, None
+    headers, cells = table_cells(rows)
+    first = rows[0]
+    context = {"headers": headers, "cells": cells, "judge": first.get("judge"), "key": first.get("eval_key"),
+               "max_response_length": first.get("max_response_length"), "kl_tokens": first.get("kl_tokens"),
+               "held_out": bool(first.get("harmful_held_out")), "png": png}
+    return context, figures.evaluation_png(rows)
 
 
 # --------------------------------------------------------------------------------------------------

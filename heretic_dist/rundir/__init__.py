@@ -16,7 +16,20 @@ parquet (rows ↔ Parquet), records (manifest, run_info, directions), lock (RunL
 """
 
 from .filesystem import cache_key, cache_root, s3_used
-from .layout import DIRECTIONS, DIRECTIONS_SHA, JOURNAL, LOCK, MANIFEST, PARETO, RUN_INFO, TRIALS, TUNE
+from .layout import (
+    DIRECTIONS,
+    DIRECTIONS_SHA,
+    EVALUATION,
+    EVALUATION_REPLIES,
+    JOURNAL,
+    JUDGEMENTS,
+    LOCK,
+    MANIFEST,
+    PARETO,
+    RUN_INFO,
+    TRIALS,
+    TUNE,
+)
 from .lock import RunLock, interrupt_main_thread
 from .records import (
     load_directions,
@@ -30,7 +43,8 @@ from .records import (
 from .rundir import RunDir
 
 __all__ = [
-    "DIRECTIONS", "DIRECTIONS_SHA", "JOURNAL", "LOCK", "MANIFEST", "PARETO", "RUN_INFO", "TRIALS", "TUNE",
+    "DIRECTIONS", "DIRECTIONS_SHA", "EVALUATION", "EVALUATION_REPLIES", "JOURNAL", "JUDGEMENTS", "LOCK", "MANIFEST",
+    "PARETO", "RUN_INFO", "TRIALS", "TUNE",
     "RunDir", "RunLock", "cache_key", "cache_root", "interrupt_main_thread", "load_directions",
     "manifest_diff", "manifest_hash", "read_manifest", "read_run_info", "s3_used", "save_directions",
     "write_run_info",

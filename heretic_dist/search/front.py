@@ -115,3 +115,14 @@ def front_table(front: list[dict[str, Any]]) -> list[dict[str, str]]:
             "index": "-" if index is None else f"{index:.2f}",
         })
     return cells
+
+
+def nearest_best(front: list[T], k: int, point: Callable[[T], Point | None] = row_point) -> list[T]:  # type: ignore[assignment]
+    """The k front items nearest the best point along the front (the best point first, then its
+    neighbours, the one with fewer refusals first on a tie), returned in front order."""
+    best = best_point(front, point)
+    if best is None or k >= len(front):
+        return list(front)
+    at = front.index(best)
+    chosen = sorted(range(len(front)), key=lambda i: (abs(i - at), i))[:k]
+    return [front[i] for i in sorted(chosen)]
