@@ -1,13 +1,15 @@
 """Typed settings: TOML file + dotted overrides, validated into pydantic models.
 
-Key names and defaults follow upstream Heretic 1.4.0, so an upstream ``config.toml`` loads. Keys that
-upstream has but heretic-dist does not use load with a one-line warning. Every problem is reported as
-one :class:`UserError` line that names the file and the key.
+Key names and defaults follow upstream Heretic 1.4.0, so an upstream ``config.toml`` loads; one in the
+later shapes (master's scorer plugin tables, 2.x's modifier tables) is translated to ours with one notice
+line. Keys that upstream has but heretic-dist does not use load with a warning. Every problem is reported
+as one :class:`UserError` line that names the file and the key.
 
-- schema.py    the models (Settings, PromptSetSpec, ClusterSettings) and their defaults
-- load.py      TOML files, `--set` overrides, the layered merge batch manifests use, dump_toml
-- messages.py  the wording of validation errors
-- upstream.py  upstream keys that load with no effect, and their warnings
+- schema.py           the models (Settings, PromptSetSpec, ClusterSettings) and their defaults
+- load.py             TOML files, `--set` overrides, the layered merge batch manifests use, dump_toml
+- messages.py         the wording of validation errors
+- upstream.py         upstream keys: those that load with no effect (and their warnings), those moved later
+- upstream_shapes.py  upstream configs of each shape (1.4.0, master, 2.x) translated to ours
 """
 
 from .load import (

@@ -28,6 +28,7 @@ from .evaluation import EVALUATION_PROMPT_SETS
 from .messages import explain, format_value
 from .schema import PROMPT_SET_KEYS, TABLES, PromptSetSpec, Settings, drop_none
 from .upstream import IGNORED_PROMPT_SET_KEYS, IGNORED_UPSTREAM_KEYS, warn_ignored_key, warn_ignored_prompt_set_key
+from .upstream_shapes import from_upstream
 
 OVERRIDES = "overrides"  # how errors name command-line `--set` values
 
@@ -68,7 +69,7 @@ def load_settings(path: str | Path | None, overrides: dict[str, Any] | None = No
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        data = read_toml_file(p, "config")
+        data = from_upstream(read_toml_file(p, "config"), source)  # upstream master/2.x shapes to ours
         _check_keys(data, source)
         _resolve_dataset_paths(data, p.parent)
 
@@ -92,7 +93,7 @@ def check_table(table: Mapping[str, Any], source: str, *base_dirs: Path) -> dict
     """One layer of settings keys, checked, as a new dict: quoted dotted keys (`"cluster.workers" = 2`)
     expanded, unknown keys refused with a did-you-mean, ignored upstream keys dropped with a warning, and
     relative dataset paths that exist under a base dir made to point there (the first that has it)."""
-    checked = _expand_dotted(copy.deepcopy(dict(table)))
+    checked = from_upstream(_expand_dotted(copy.deepcopy(dict(table))), source)
     _check_keys(checked, source)
     for base in base_dirs:
         _resolve_dataset_paths(checked, base)
