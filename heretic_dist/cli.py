@@ -358,6 +358,52 @@ def cmd_batch_status(args: argparse.Namespace) -> int:
 # --- entry point ------------------------------------------------------------------------------
 
 
+def _add_result_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """batch, batch-status, status, export, evaluate-front, report: the commands over run directories."""
+    p = add("batch", cmd_batch, "run or resume the search for many models from one manifest, on one cluster")
+    p.add_argument("manifest", help="batch manifest TOML: [defaults] and [[models]] (see configs/batch-example.toml)")
+    p.add_argument("--batch-dir", help="batch directory: a path, s3:// or gs:// (default batches/MANIFEST-NAME)")
+    p.add_argument("--parallel-models", type=int, default=1, metavar="M",
+                   help="models run at once, each on its own workers (default 1)")
+    p.add_argument("--address", help="join this Ray cluster ('auto' for the local one); default: start one")
+    p.add_argument("--retry-failed", action="store_true", help="run failed models again")
+
+    p = add("batch-status", cmd_batch_status, "per-model status and best points of a batch")
+    p.add_argument("batch_dir", help="batch directory")
+
+    p = add("status", cmd_status, "progress and Pareto front of a running or finished run")
+    p.add_argument("run_dir", help="run directory")
+
+    p = add("export", cmd_export, "save a trial as a merged model or a PEFT adapter")
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument("--trial", type=int, required=True, help="trial number (see status)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--adapter", action="store_true", help="save a PEFT adapter instead of a merged model")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--device-map", default="cpu", help="where to rebuild the model (default cpu)")
+
+    p = add("evaluate-front", cmd_evaluate_front,
+            "measure the front's candidates: held-out prompts, long replies, a judge, over-refusal, damage")
+    p.add_argument("run_dir", help="run directory")
+    choice = p.add_mutually_exclusive_group()
+    choice.add_argument("--trials", help="evaluate these trials, e.g. 12,40 (default: the Pareto front)")
+    choice.add_argument("--top", type=int, help="evaluate the K front trials nearest the best point")
+    p.add_argument("--config", help="evaluation config TOML (see configs/evaluation.toml), or a run config "
+                                    "with an [evaluation] table")
+    p.add_argument("--address", help="join this Ray cluster ('auto' for the local one); default: start one")
+    p.add_argument("--workers", type=int, help="model workers (each loads the model once)")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs per worker")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (fractions share a GPU)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting that changes no result, e.g. --set batch_size=8 (repeatable)")
+
+    p = add("report", cmd_report, "write report.html (Pareto front, history, kernel) and PNGs")
+    p.add_argument("run_dir", help="run directory (or batch directory with --batch)")
+    p.add_argument("--out", help="folder or .html path (default: inside the run directory)")
+    p.add_argument("--trial", type=int, help="trial whose layer kernel is drawn (default: a Pareto trial)")
+    p.add_argument("--batch", action="store_true", help="RUN_DIR is a batch directory")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="heretic-dist",
@@ -407,48 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="join this Ray cluster ('auto' for the local one); default: start one")
     p.add_argument("--workers", type=int, help="model workers (each loads the model once)")
 
-    p = add("batch", cmd_batch, "run or resume the search for many models from one manifest, on one cluster")
-    p.add_argument("manifest", help="batch manifest TOML: [defaults] and [[models]] (see configs/batch-example.toml)")
-    p.add_argument("--batch-dir", help="batch directory: a path, s3:// or gs:// (default batches/MANIFEST-NAME)")
-    p.add_argument("--parallel-models", type=int, default=1, metavar="M",
-                   help="models run at once, each on its own workers (default 1)")
-    p.add_argument("--address", help="join this Ray cluster ('auto' for the local one); default: start one")
-    p.add_argument("--retry-failed", action="store_true", help="run failed models again")
-
-    p = add("batch-status", cmd_batch_status, "per-model status and best points of a batch")
-    p.add_argument("batch_dir", help="batch directory")
-
-    p = add("status", cmd_status, "progress and Pareto front of a running or finished run")
-    p.add_argument("run_dir", help="run directory")
-
-    p = add("export", cmd_export, "save a trial as a merged model or a PEFT adapter")
-    p.add_argument("run_dir", help="run directory")
-    p.add_argument("--trial", type=int, required=True, help="trial number (see status)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--adapter", action="store_true", help="save a PEFT adapter instead of a merged model")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    p.add_argument("--device-map", default="cpu", help="where to rebuild the model (default cpu)")
-
-    p = add("evaluate-front", cmd_evaluate_front,
-            "measure the front's candidates: held-out prompts, long replies, a judge, over-refusal, damage")
-    p.add_argument("run_dir", help="run directory")
-    choice = p.add_mutually_exclusive_group()
-    choice.add_argument("--trials", help="evaluate these trials, e.g. 12,40 (default: the Pareto front)")
-    choice.add_argument("--top", type=int, help="evaluate the K front trials nearest the best point")
-    p.add_argument("--config", help="evaluation config TOML (see configs/evaluation.toml), or a run config "
-                                    "with an [evaluation] table")
-    p.add_argument("--address", help="join this Ray cluster ('auto' for the local one); default: start one")
-    p.add_argument("--workers", type=int, help="model workers (each loads the model once)")
-    p.add_argument("--cpus-per-worker", type=float, help="CPUs per worker")
-    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (fractions share a GPU)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a setting that changes no result, e.g. --set batch_size=8 (repeatable)")
-
-    p = add("report", cmd_report, "write report.html (Pareto front, history, kernel) and PNGs")
-    p.add_argument("run_dir", help="run directory (or batch directory with --batch)")
-    p.add_argument("--out", help="folder or .html path (default: inside the run directory)")
-    p.add_argument("--trial", type=int, help="trial whose layer kernel is drawn (default: a Pareto trial)")
-    p.add_argument("--batch", action="store_true", help="RUN_DIR is a batch directory")
+    _add_result_commands(add)
     return parser
 
 
