@@ -104,6 +104,7 @@ def evaluate_front(options: EvaluateOptions) -> EvaluationOutcome:
                 started = start_ray(cluster, cluster.workers * cluster.cpus_per_worker + judge_cpus,
                                     cluster.workers * cluster.gpus_per_worker)
                 try:
+                    judge.start()  # a classifier judge loads its model in its actor now, not mid-evaluation
                     evaluated = _with_pool(settings, run, plan, judge, writer, say)
                 finally:
                     if started:
@@ -148,6 +149,7 @@ def evaluate_after_run(pool: Any, settings, run: st.RunDir, say: Callable[[str],
         say(describe_plan(plan, writer.done()))
         for note in plan.notes:
             say(f"note: {note}")
+        judge.start()
         evaluated = evaluate_on_pool(pool, plan, judge, writer, say)
         stats = judge.stats()
     finally:
