@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from heretic_dist.engine.protocol import TrialEngine, engine_class
-from heretic_dist.engine.types import PartialResult, Prompt, Shard, TrialParams
+from heretic_dist.engine.types import EvaluationRequest, EvaluationResult, PartialResult, Prompt, Shard, TrialParams
 
 if TYPE_CHECKING:
     from heretic_dist.config import Settings
@@ -131,5 +131,14 @@ class ModelWorker:
             result = self._engine().run_trial(params, shard)
             self.trials_run += 1
         result.worker_id = self.worker_id
+        result.host = self.host
+        return result
+
+    def evaluate(self, params: dict[str, Any] | TrialParams | None, request: EvaluationRequest) -> EvaluationResult:
+        """evaluate-front's measures of one candidate (None = the unedited model)."""
+        if isinstance(params, dict):
+            params = TrialParams.from_dict(params)
+        with self._lock:
+            result = self._engine().evaluate(params, request)
         result.host = self.host
         return result

@@ -16,7 +16,7 @@ from .ablation import layer_direction, lora_factors
 from .components import LayerComponents, find_components
 from .loading import load_model
 from .scoring import MarkerRefusalScorer, kl_per_prompt
-from .types import PartialResult, Prompt, Shard, TrialParams
+from .types import EvaluationRequest, EvaluationResult, PartialResult, Prompt, Shard, TrialParams
 
 log = logging.getLogger(__name__)
 
@@ -368,3 +368,11 @@ class Engine:
             timings={"edit_s": t1 - t0, "kl_s": t2 - t1, "generation_s": t3 - t2},
             host=socket.gethostname(),
         )
+
+    def evaluate(self, params: TrialParams | None, request: EvaluationRequest) -> EvaluationResult:
+        """evaluate-front: long replies, multi-token KL and perplexity of `params` (None = the unedited
+        model), engine/evaluation.py. The base model's references are computed once per request.key with
+        the model reset and kept on the engine; the edit is then applied again."""
+        from .evaluation import evaluate
+
+        return evaluate(self, params, request, self.__dict__.setdefault("_evaluation_refs", {}))

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from heretic_dist.errors import UserError
 
-from .types import PartialResult, Prompt, Shard, TrialParams
+from .types import EvaluationRequest, EvaluationResult, PartialResult, Prompt, Shard, TrialParams
 
 if TYPE_CHECKING:  # the registry is imported by Tune trial processes and the driver: no torch there
     import torch
@@ -55,6 +55,11 @@ class TrialEngine(Protocol):
         ...
 
     def run_trial(self, params: TrialParams | None, shard: Shard) -> PartialResult: ...
+
+    def evaluate(self, params: TrialParams | None, request: EvaluationRequest) -> EvaluationResult:
+        """evaluate-front's measures of one candidate (None = the unedited model): long replies,
+        multi-token KL against the base model, perplexity (engine/evaluation.py)."""
+        ...
 
 
 # name -> "module:Class"; imported only when used, so naming an engine costs nothing

@@ -6,15 +6,46 @@ imports no torch, so that Tune trial processes and reports stay light; it is nam
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from heretic_dist.search.objectives import PartialResult, Shard
 from heretic_dist.search.space import COMPONENTS, ComponentParams, TrialParams
 
-__all__ = ["COMPONENTS", "ComponentParams", "PartialResult", "Prompt", "Shard", "TrialParams"]
+__all__ = ["COMPONENTS", "ComponentParams", "EvaluationRequest", "EvaluationResult", "PartialResult", "Prompt", "Shard",
+           "TrialParams"]
 
 
 @dataclass(frozen=True)
 class Prompt:
     system: str
     user: str
+
+
+@dataclass(frozen=True)
+class EvaluationRequest:
+    """What `evaluate-front` asks a worker to measure for one candidate (params, or None = base model).
+
+    Empty lists switch a measure off. `key` names the prompt sets and lengths, so a worker can keep the
+    base model's references (its greedy replies to `damage`, their log-probs) across candidates.
+    """
+
+    key: str
+    harmful: list[Prompt] = field(default_factory=list)  # replies returned, judged on the driver
+    over_refusal: list[Prompt] = field(default_factory=list)  # replies returned, judged on the driver
+    damage: list[Prompt] = field(default_factory=list)  # multi-token KL against the base model
+    texts: list[str] = field(default_factory=list)  # perplexity (raw text, no chat template)
+    max_response_length: int = 150
+    kl_tokens: int = 20
+
+
+@dataclass
+class EvaluationResult:
+    """A worker's measurements of one candidate; replies in request order (special tokens removed)."""
+
+    harmful_replies: list[str] = field(default_factory=list)
+    over_refusal_replies: list[str] = field(default_factory=list)
+    kl: float | None = None  # mean over damage prompts of the mean KL over the first kl_tokens positions
+    kl_per_prompt: list[float] = field(default_factory=list)
+    perplexity: float | None = None  # exp(mean token NLL over all texts)
+    timings: dict[str, float] = field(default_factory=dict)
+    host: str = ""

@@ -14,7 +14,8 @@ Knobs (keys of a plain dict, or of `engine_options` in the settings: `engine = "
   fake_n_layers (8), fake_hidden_size (16), fake_components (both components),
   fake_load_seconds (0), fake_trial_seconds (0, sleep per run_trial call),
   fake_prompt_seconds (0, sleep per scored prompt), fake_n_eval (20, default eval prompts per side),
-  fake_nonfinite (False: when true every edited trial returns a NaN KL sum),
+  fake_evaluate_seconds (0, sleep per evaluate call: a test can kill an evaluation mid-way),
+  fake_nonfinite (False: when true every edited trial returns a NaN KL sum, and evaluate a NaN KL),
   fake_fail_load (False: when true the constructor raises, like a model that cannot load),
   fake_fail_models ([]: `model` values whose load fails like fake_fail_load; lets one [defaults] table
   of a batch manifest make one model of several fail).
@@ -25,12 +26,14 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import socket
 import time
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from heretic_dist.engine.types import COMPONENTS, PartialResult, Prompt, Shard, TrialParams
+from heretic_dist.engine.types import (COMPONENTS, EvaluationRequest, EvaluationResult, PartialResult, Prompt, Shard,
+                                      TrialParams)
 
 if TYPE_CHECKING:
     from heretic_dist.config import Settings
@@ -83,6 +86,7 @@ class FakeEngine:
         self.components = list(_get(settings, "fake_components", list(COMPONENTS)))
         self.trial_seconds = float(_get(settings, "fake_trial_seconds", 0.0))
         self.prompt_seconds = float(_get(settings, "fake_prompt_seconds", 0.0))
+        self.evaluate_seconds = float(_get(settings, "fake_evaluate_seconds", 0.0))
         self.nonfinite = bool(_get(settings, "fake_nonfinite", False))
         n_eval = int(_get(settings, "fake_n_eval", 20))
         self.good = [Prompt("You are a helpful assistant.", f"harmless request {i}") for i in range(n_eval)]
@@ -173,6 +177,38 @@ class FakeEngine:
             good_scored=len(good),
             timings={"edit_s": t1 - t0, "kl_s": t2 - t1, "generation_s": t3 - t2},
         )
+
+    def evaluate(self, params: TrialParams | None, request: EvaluationRequest) -> EvaluationResult:
+        """Long replies, multi-token KL and perplexity in the shape of run_trial's objective: a harmful
+        prompt is refused while its hash >= strength, an over-refusal prompt while 0.3 x its hash >=
+        strength; KL per prompt is run_trial's first-token KL times (1 + 0.05 (kl_tokens - 1))."""
+        if params is not None and self.directions is None:
+            raise RuntimeError("FakeEngine.evaluate: set_directions was never called on this worker")
+        t0 = time.perf_counter()
+        strength, misplacement = self._strength(params)
+        damage = strength**2 + 0.5 * strength * misplacement
+        result = EvaluationResult(host=socket.gethostname())
+        refused = "I cannot help with that."
+        result.harmful_replies = [
+            refused if _unit_hash("refusal\x00" + p.user) >= strength else
+            f"{self.prefix}Sure, here is some general information about {p.user}." for p in request.harmful]
+        result.over_refusal_replies = [
+            refused if 0.3 * _unit_hash("over-refusal\x00" + p.user) >= strength else
+            f"{self.prefix}Of course: here is a short answer about {p.user}." for p in request.over_refusal]
+        if request.damage and request.kl_tokens > 0:
+            scale = 1.0 + 0.05 * (request.kl_tokens - 1)
+            result.kl_per_prompt = [damage * (0.05 + 0.1 * _unit_hash("kl\x00" + p.user)) * scale
+                                    for p in request.damage]
+            if self.nonfinite and params is not None:
+                result.kl_per_prompt = [math.nan] * len(request.damage)
+            result.kl = sum(result.kl_per_prompt) / len(result.kl_per_prompt)
+        if request.texts:
+            base = sum(_unit_hash("text\x00" + t) for t in request.texts) / len(request.texts)
+            result.perplexity = (8.0 + 4.0 * base) * math.exp(damage)
+        n_prompts = len(request.harmful) + len(request.over_refusal) + len(request.damage) + len(request.texts)
+        time.sleep(self.evaluate_seconds + self.prompt_seconds * n_prompts)
+        result.timings = {"evaluate_s": time.perf_counter() - t0}
+        return result
 
     # -- the fake objective -------------------------------------------------------------------------
 
