@@ -267,8 +267,14 @@ def cmd_evaluate_front(args: argparse.Namespace) -> int:
                                              progress=lambda line: print(line, flush=True)))
     print()
     print_evaluation(outcome.rows)
-    done = f"{len(outcome.evaluated)} measured now, {len(outcome.reused)} already in evaluation.parquet"
-    print(f"{done}; judge: {outcome.judge_stats}; {outcome.seconds:.0f} s")
+    judged = outcome.judge_stats
+    judge = f"{judged.get('items', 0)} replies judged"
+    if judged.get("cache_hits"):
+        judge += f", {judged['cache_hits']} verdicts from the cache"
+    if judged.get("retries"):
+        judge += f", {judged['retries']} retries"
+    print(f"{len(outcome.evaluated)} measured now, {len(outcome.reused)} already in the run directory; "
+          f"{judge}; {outcome.seconds:.0f} s")
     return 0
 
 

@@ -173,18 +173,23 @@ def test_evaluate_front_measures_candidates_in_parallel_and_resumes_after_a_kill
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     run = st.RunDir(str(run_dir))
     while time.monotonic() - started < 300:  # kill it once the first candidates have their rows
-        if run.exists(st.EVALUATION) and len(run.read_parquet(st.EVALUATION)) >= 1:
+        if run.exists(st.EVALUATION_REPLIES) and len(run.read_parquet(st.EVALUATION_REPLIES)) >= 1:
             break
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    first = {r["trial"] for r in run.read_parquet(st.EVALUATION)}
+    first = {r["trial"] for name in (st.EVALUATION, st.EVALUATION_BASE) if run.exists(name)
+             for r in run.read_parquet(name)}
     assert 1 <= len(first) < 4, first  # base + 3 candidates: killed part way
 
     done = cli(*args[:-2], cwd=folder)  # resume (no sleep now)
     rows = run.read_parquet(st.EVALUATION)
-    assert sorted(r["trial"] for r in rows) == sorted([-1, *trials])  # each candidate once
+    assert sorted(r["trial"] for r in rows) == sorted(trials)  # each candidate once, one row each
+    (base,) = run.read_parquet(st.EVALUATION_BASE)  # the base model's row, its values beside every row
+    for row in rows:
+        assert row["base_refusal_rate"] == base["refusal_rate"] and row["base_perplexity"] == base["perplexity"]
+    rows = [base, *rows]
     assert f"{4 - len(first)} to measure, {len(first)} already done" in done.stdout
     measured_now = [line for line in done.stdout.splitlines() if line.startswith("evaluated ")]
     assert len(measured_now) == 4 - len(first)
@@ -213,7 +218,7 @@ def test_evaluate_front_measures_candidates_in_parallel_and_resumes_after_a_kill
 
     # a third run with the same config measures nothing
     again = cli(*args[:-2], cwd=folder)
-    assert "0 to measure" in again.stdout and "0 measured now, 4 already" in again.stdout
+    assert "0 to measure" in again.stdout and "0 measured now, 4 already in the run directory" in again.stdout
 
 
 @pytest.mark.slow

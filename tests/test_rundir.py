@@ -463,3 +463,22 @@ def test_lost_object_store_lock_stops_the_run_before_it_expires(s3_server: str, 
     # each upload to a dead endpoint takes 1-2 s (the SDK's own retries): >= 2 means retried, not given up
     assert result["failures"] >= 2
     assert result["stopped_at"] < result["renewed_at"] + 6.0  # before another driver would take over
+
+
+def test_reading_parquet_rows_does_not_abort_a_process_that_imported_optuna(tmp_path):
+    """Arrow's decode threads + optuna made such processes abort at exit (134) about half the time:
+    `status` printed everything, then died. Four processes: all must exit 0."""
+    import subprocess
+    import sys
+
+    from heretic_dist.rundir.parquet import rows_to_parquet
+
+    # 40 columns: the more columns, the likelier the abort (5 of 6 processes without the fix)
+    rows = [{f"c{j}": i * j if j % 3 == 0 else ("s" * j if j % 3 == 1 else {"k": j}) for j in range(40)}
+            for i in range(200)]
+    (tmp_path / "t.parquet").write_bytes(rows_to_parquet(rows, "t"))
+    code = ("import optuna\nfrom heretic_dist.rundir.parquet import parquet_to_rows\n"
+            f"rows = parquet_to_rows(open({str(tmp_path / 't.parquet')!r}, 'rb').read())\nassert len(rows) == 200\n")
+    for _ in range(4):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]

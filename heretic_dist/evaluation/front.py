@@ -159,5 +159,8 @@ def evaluate_after_run(pool: Any, settings, run: st.RunDir, say: Callable[[str],
 
 
 def stored_rows(run: st.RunDir) -> list[dict[str, Any]]:
-    """The latest evaluation's rows in a run directory (empty when it has none): report and status."""
-    return latest_rows(run.read_parquet(st.EVALUATION)) if run.exists(st.EVALUATION) else []
+    """The latest evaluation's rows in a run directory, the base model's first (empty when it has
+    none): what report and status show."""
+    rows = run.read_parquet(st.EVALUATION) if run.exists(st.EVALUATION) else []
+    bases = run.read_parquet(st.EVALUATION_BASE) if run.exists(st.EVALUATION_BASE) else []
+    return latest_rows(rows + bases)

@@ -100,28 +100,52 @@ def make_plan(settings: Settings, evaluation: EvaluationSettings, manifest: dict
     return EvaluationPlan(settings, evaluation, manifest["run_id"], key, request, candidates, notes)
 
 
+BASE_COLUMNS = ("refusal_rate", "over_refusal_rate", "degenerate_rate", "perplexity")
+
+
 class ResultWriter:
     """Writes each candidate's row (and its judged replies) as soon as it is measured: a killed
-    evaluation keeps every row written before, and a rerun skips those candidates."""
+    evaluation keeps every row written before, and a rerun skips those candidates. evaluation.parquet
+    holds one row per candidate, with the base model's values beside its own (`base_*` columns, filled
+    in once the base model is measured); the base model's own row is in evaluation/base.parquet."""
 
     def __init__(self, run: st.RunDir, key: str):
         self.run, self.key = run, key
-        self.rows = run.read_parquet(st.EVALUATION) if run.exists(st.EVALUATION) else []
-        self.replies = run.read_parquet(st.EVALUATION_REPLIES) if run.exists(st.EVALUATION_REPLIES) else []
+        self.rows = self._read(st.EVALUATION)
+        self.bases = self._read(st.EVALUATION_BASE)
+        self.replies = self._read(st.EVALUATION_REPLIES)
+
+    def _read(self, name: str) -> list[dict[str, Any]]:
+        return self.run.read_parquet(name) if self.run.exists(name) else []
+
+    def _mine(self, row: dict[str, Any], trial: int | None = None) -> bool:
+        return row["eval_key"] == self.key and (trial is None or row["trial"] == trial)
+
+    def base(self) -> dict[str, Any] | None:
+        return next((r for r in self.bases if self._mine(r)), None)
 
     def done(self) -> set[int]:
-        return {r["trial"] for r in self.rows if r["eval_key"] == self.key}
+        return {r["trial"] for r in self.rows + self.bases if self._mine(r)}
 
     def add(self, row: dict[str, Any], replies: list[dict[str, Any]]) -> None:
-        self.rows = [r for r in self.rows if not (r["eval_key"] == self.key and r["trial"] == row["trial"])]
-        self.rows.append(row)
-        self.replies = [r for r in self.replies if not (r["eval_key"] == self.key and r["trial"] == row["trial"])]
-        self.replies.extend(replies)
+        trial = row["trial"]
+        self.replies = [r for r in self.replies if not self._mine(r, trial)] + replies
         self.run.write_parquet(st.EVALUATION_REPLIES, self.replies)
+        if trial == BASE_TRIAL:
+            self.bases = [r for r in self.bases if not self._mine(r)] + [row]
+            self.run.write_parquet(st.EVALUATION_BASE, self.bases)
+        else:
+            self.rows = [r for r in self.rows if not self._mine(r, trial)] + [row]
+        base = self.base()
+        for r in self.rows:  # the base model's values beside each candidate's
+            if self._mine(r):
+                r.update({f"base_{c}": None if base is None else base.get(c) for c in BASE_COLUMNS})
         self.run.write_parquet(st.EVALUATION, self.rows)  # last: a row is there only with its replies
 
     def current(self) -> list[dict[str, Any]]:
-        return sorted((r for r in self.rows if r["eval_key"] == self.key), key=lambda r: r["trial"])
+        """This evaluation's rows for display: the base model's first, then the candidates by trial."""
+        base = self.base()
+        return ([base] if base else []) + sorted((r for r in self.rows if self._mine(r)), key=lambda r: r["trial"])
 
 
 def judge_set(judge: Any, prompts: list[Prompt], replies: list[str], check_degenerate: bool,

@@ -20,6 +20,7 @@ from .layout import (
     DIRECTIONS,
     DIRECTIONS_SHA,
     EVALUATION,
+    EVALUATION_BASE,
     EVALUATION_REPLIES,
     JOURNAL,
     JUDGEMENTS,
@@ -43,7 +44,7 @@ from .records import (
 from .rundir import RunDir
 
 __all__ = [
-    "DIRECTIONS", "DIRECTIONS_SHA", "EVALUATION", "EVALUATION_REPLIES", "JOURNAL", "JUDGEMENTS", "LOCK", "MANIFEST",
+    "DIRECTIONS", "DIRECTIONS_SHA", "EVALUATION", "EVALUATION_BASE", "EVALUATION_REPLIES", "JOURNAL", "JUDGEMENTS", "LOCK", "MANIFEST",
     "PARETO", "RUN_INFO", "TRIALS", "TUNE",
     "RunDir", "RunLock", "cache_key", "cache_root", "interrupt_main_thread", "load_directions",
     "manifest_diff", "manifest_hash", "read_manifest", "read_run_info", "s3_used", "save_directions",

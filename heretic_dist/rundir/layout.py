@@ -10,5 +10,6 @@ RUN_INFO = "run_info.json"  # wall time, workers, loads, hosts: summed over the 
 LOCK = ".lock"  # flock file (local) or owner file with a heartbeat (object stores)
 TUNE = "tune"  # Ray Tune experiment state (a folder)
 EVALUATION = "evaluation.parquet"  # evaluate-front: one row per (evaluation config, candidate)
+EVALUATION_BASE = "evaluation/base.parquet"  # the unedited model's row per evaluation config
 EVALUATION_REPLIES = "evaluation/replies.parquet"  # the judged replies behind those rows
 JUDGEMENTS = "evaluation/judgements.jsonl"  # the judges' verdicts, cached so a resume does not pay twice

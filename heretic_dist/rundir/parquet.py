@@ -43,7 +43,10 @@ def rows_to_parquet(rows: list[dict[str, Any]], where: str) -> bytes:
 
 
 def parquet_to_rows(data: bytes) -> list[dict[str, Any]]:
-    table = pq.read_table(pa.BufferReader(data))
+    # One thread: with Arrow's decode thread pool started, a process that has imported optuna aborts
+    # at exit about half the time ("terminate called without an active exception", exit 134; pyarrow
+    # 26, optuna 5); these files are small, threads gain nothing here.
+    table = pq.read_table(pa.BufferReader(data), use_threads=False)
     meta = table.schema.metadata or {}
     json_cols = set(json.loads(meta.get(_JSON_COLUMNS_KEY, b"[]")))
     if _EMPTY in json_cols:
