@@ -12,7 +12,7 @@ from typing import Any, Callable, Literal, Union
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
-from .evaluation import EvaluationSettings
+from .evaluation import EvaluationSettings, JudgeSettings
 from .prompt_sets import STRICT, PromptSetSpec
 
 RUNTIME_ONLY = "runtime_only"  # the json_schema_extra marker `runtime_only()` puts on a field
@@ -206,6 +206,11 @@ class Settings(BaseModel):
         description="Edit only attention output projections: every MLP (dense, shared and routed "
         "experts) stays unedited; allow_mlp_off instead lets the search decide per trial",
     )
+    refusal_judge: JudgeSettings | None = Field(
+        default=None,
+        description="Judge the search's replies with this judge (as [evaluation.judge]) instead of the "
+        "refusal markers; replies then run to full length (no early stop): slower, see docs/benchmarks.md",
+    )
     kl_gate: float | None = Field(
         default=None, gt=0, description="Skip refusal generation for trials whose KL exceeds this"
     )
@@ -282,6 +287,7 @@ PROMPT_SET_KEYS = ("good_prompts", "bad_prompts", "good_evaluation_prompts", "ba
 TABLES: dict[str, type[BaseModel]] = {name: PromptSetSpec for name in PROMPT_SET_KEYS}
 TABLES["cluster"] = ClusterSettings
 TABLES["evaluation"] = EvaluationSettings
+TABLES["refusal_judge"] = JudgeSettings
 
 
 def drop_none(value: Any) -> Any:

@@ -48,6 +48,9 @@ class ModelWorker:
         self._lock = threading.Lock()  # engine calls are serialized (health() runs on its own thread)
         self.engine: TrialEngine | None = None
         self._info: dict[str, Any] = {}
+        self._settings = settings
+        self._prefix = ""  # the response prefix, which the refusal judge strips from replies
+        self._judge: Any = None  # settings.refusal_judge, built at its first use
         # A load error is kept and reported by health() instead of raised: a constructor exception would
         # surface as a bare ActorDiedError with the real cause buried in a log.
         self.load_error: str | None = None
@@ -94,6 +97,10 @@ class ModelWorker:
     def set_response_prefix(self, prefix: str) -> None:
         with self._lock:
             self._engine().set_response_prefix(prefix)
+            if prefix != self._prefix and self._judge is not None:
+                self._judge.close()
+                self._judge = None
+            self._prefix = prefix
 
     def residual_sums(self, prompts: list[Prompt]):
         """(float64 sums, count). Sums are a CPU torch tensor (Ray ships it zero-copy as numpy)."""
@@ -129,10 +136,26 @@ class ModelWorker:
             params = TrialParams.from_dict(params)
         with self._lock:
             result = self._engine().run_trial(params, shard)
+            if result.replies_to_judge is not None:
+                self._judge_refusals(result)
             self.trials_run += 1
         result.worker_id = self.worker_id
         result.host = self.host
         return result
+
+    def _judge_refusals(self, result: PartialResult) -> None:
+        """`refusal_judge` in the search: this worker judges its own shard's replies (a classifier judge
+        gets one Ray actor per worker), so only the count travels back."""
+        t = time.perf_counter()
+        if self._judge is None:
+            from heretic_dist.evaluation.judges import make_judge
+
+            self._judge = make_judge(self._settings.refusal_judge, self._settings.refusal_markers, self._prefix)
+            self._judge.start()
+        verdicts = self._judge.judge(result.replies_to_judge or [])
+        result.refusals = sum(v.refusal for v in verdicts)
+        result.replies_to_judge = None
+        result.timings["judge_s"] = time.perf_counter() - t
 
     def evaluate(self, params: dict[str, Any] | TrialParams | None, request: EvaluationRequest) -> EvaluationResult:
         """evaluate-front's measures of one candidate (None = the unedited model)."""

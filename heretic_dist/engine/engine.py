@@ -244,6 +244,14 @@ class Engine:
             self.model, self.tokenizer, prompts, self.response_prefix,
             self.settings.max_response_length, b, True, stop))
 
+    def full_replies(self, prompts: list[Prompt]) -> list[str]:
+        """Refusal replies without the marker early stop (a judge reads all of each reply)."""
+        early, self.early_stop = self.early_stop, False
+        try:
+            return self.refusal_replies(prompts)
+        finally:
+            self.early_stop = early
+
     def count_refusals(self, prompts: list[Prompt]) -> int:
         return sum(self.scorer.is_refusal(r) for r in self.refusal_replies(prompts))
 
@@ -355,8 +363,11 @@ class Engine:
         kl_sum = float(kl_per_prompt(base, self.logprobs(good)).sum()) if good else 0.0
         t2 = time.perf_counter()
         gate = self.settings.kl_gate
+        to_judge = None
         if gate is not None and good and kl_sum / len(good) > gate:
             refusals = len(bad)  # opt-in shortcut: too far from the original, score as refusing all
+        elif self.settings.refusal_judge is not None and bad:
+            refusals, to_judge = 0, list(zip((p.user for p in bad), self.full_replies(bad)))  # the worker judges
         else:
             refusals = self.count_refusals(bad) if bad else 0
         t3 = time.perf_counter()
@@ -367,6 +378,7 @@ class Engine:
             good_scored=len(good),
             timings={"edit_s": t1 - t0, "kl_s": t2 - t1, "generation_s": t3 - t2},
             host=socket.gethostname(),
+            replies_to_judge=to_judge,
         )
 
     def evaluate(self, params: TrialParams | None, request: EvaluationRequest) -> EvaluationResult:

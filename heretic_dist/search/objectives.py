@@ -36,6 +36,9 @@ class PartialResult:
     timings: dict[str, float] = field(default_factory=dict)  # edit_s, kl_s, generation_s
     worker_id: str = ""
     host: str = ""
+    # With a `refusal_judge`, the engine leaves (prompt, reply) pairs here and the worker judges them
+    # (refusals is 0 until then); None once judged, so replies never travel back to the driver.
+    replies_to_judge: list[tuple[str, str]] | None = None
 
 
 def reduce_partials(parts: list[PartialResult]) -> dict[str, Any]:
