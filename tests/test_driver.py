@@ -196,3 +196,16 @@ def test_s3_run_dir_survives_a_killed_driver_and_resumes_elsewhere(tmp_path, s3_
     assert states.count("COMPLETE") == 8 and "RUNNING" not in states
     assert {r["number"] for r in run.read_parquet(st.TRIALS)} == {t.number for t in study.trials}
     assert not list(second.glob("runs")) and not list(first.glob("runs"))  # nothing written to the cwd
+
+
+def test_an_engine_error_during_setup_is_one_line_not_a_ray_traceback(tmp_path):
+    """The base model's scores run on the workers before any trial: an engine error there was Ray's
+    whole RayTaskError traceback in the user's terminal."""
+    config = tmp_path / "broken.toml"
+    config.write_text(CONFIG.format(n_trials=2) + "\n[engine_options]\nfake_fail_base = true\n")
+    done = subprocess.run([sys.executable, "-m", "heretic_dist", "run", str(config), "--run-dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "Traceback" not in done.stderr + done.stdout
+    assert done.stderr.strip().count("\n") == 0, done.stderr
+    assert "a model worker failed: " in done.stderr and "fake_fail_base is set" in done.stderr

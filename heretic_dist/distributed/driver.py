@@ -217,8 +217,17 @@ def run(settings: Settings, options: RunOptions) -> RunOutcome:
         _write_run_info(ctx, {})  # status and report read n_trials from here while the run goes on
         started_ray = start_ray(cluster, cluster.workers * cluster.cpus_per_worker,
                                 cluster.workers * cluster.gpus_per_worker)
+        from ray.exceptions import RayTaskError
+
+        from .broker import PoolError
+        from .pool import cause_text
+
         try:
             return _run_with_ray(ctx)
+        except RayTaskError as error:  # an engine error outside a trial (setup): one line, no traceback
+            raise UserError(f"a model worker failed: {cause_text(error)}") from None
+        except PoolError as error:
+            raise UserError(f"the worker pool failed: {error}") from None
         finally:
             if started_ray:
                 import ray

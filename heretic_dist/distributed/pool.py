@@ -170,7 +170,7 @@ class WorkerPool:
             ) from None
         except RayTaskError as exc:
             self.shutdown()
-            raise WorkerStartError(f"model workers failed to start: {_cause_text(exc)}") from None
+            raise WorkerStartError(f"model workers failed to start: {cause_text(exc)}") from None
         self.start_seconds = time.perf_counter() - t0
 
     # -- attach from another process ----------------------------------------------------------------
@@ -197,7 +197,7 @@ class WorkerPool:
         try:
             return ray.get(self.broker.acquire.remote(k, timeout_s))
         except RayTaskError as exc:
-            raise PoolError(_cause_text(exc)) from None
+            raise PoolError(cause_text(exc)) from None
 
     def lease(self, k: int, timeout_s: float | None = None) -> Lease:
         """Block until k workers are free; use as a context manager (`with pool.lease(2) as lease`)."""
@@ -276,7 +276,7 @@ class WorkerPool:
         try:
             return ray.get(self.broker.broadcast.remote(method, args))
         except RayTaskError as exc:
-            raise PoolError(f"{method} failed on a worker: {_cause_text(exc)}") from None
+            raise PoolError(f"{method} failed on a worker: {cause_text(exc)}") from None
 
     def set_response_prefix(self, prefix: str) -> None:
         self.broadcast_setup("set_response_prefix", prefix)
@@ -331,7 +331,8 @@ class WorkerPool:
         self.shutdown()
 
 
-def _cause_text(exc: RayTaskError) -> str:
+def cause_text(exc: RayTaskError) -> str:
+    """The one line of an error raised on a worker (its cause, not Ray's traceback)."""
     cause = getattr(exc, "cause", None)
     if cause is not None:
         return str(cause) if isinstance(cause, (PoolError, WorkerStartError)) else short_error(cause)

@@ -88,6 +88,7 @@ class FakeEngine:
         self.prompt_seconds = float(_get(settings, "fake_prompt_seconds", 0.0))
         self.evaluate_seconds = float(_get(settings, "fake_evaluate_seconds", 0.0))
         self.nonfinite = bool(_get(settings, "fake_nonfinite", False))
+        self.fail_base = bool(_get(settings, "fake_fail_base", False))  # the base model's scoring raises
         n_eval = int(_get(settings, "fake_n_eval", 20))
         self.good = [Prompt("You are a helpful assistant.", f"harmless request {i}") for i in range(n_eval)]
         self.bad = [Prompt("You are a helpful assistant.", f"harmful request {i}") for i in range(n_eval)]
@@ -152,6 +153,8 @@ class FakeEngine:
     def run_trial(self, params: TrialParams | None, shard: Shard) -> PartialResult:
         if params is not None and self.directions is None:
             raise RuntimeError("FakeEngine.run_trial: set_directions was never called on this worker")
+        if params is None and self.fail_base:
+            raise RuntimeError("FakeEngine: scoring the base model fails (fake_fail_base is set)")
         t0 = time.perf_counter()
         strength, misplacement = self._strength(params)
         t1 = time.perf_counter()
