@@ -110,6 +110,18 @@ def test_evaluation_config_loads_at_top_level_or_under_evaluation(tmp_path):
     assert str(load_evaluation_file(str(REPO / "configs" / "evaluation.toml")).top) == "3"
 
 
+def test_the_example_evaluation_config_loads_its_prompt_sets():
+    """configs/evaluation.toml as it is: every set it names loads (../shared/data/prompts, builtin)."""
+    from heretic_dist.config import Settings
+    from heretic_dist.evaluation.run import _load_sets
+
+    evaluation = load_evaluation_file(str(REPO / "configs" / "evaluation.toml"))
+    notes: list[str] = []
+    sets = _load_sets(Settings(model="m"), evaluation, notes)
+    assert {k: len(v) for k, v in sets.items()} == {"harmful": 40, "over_refusal": 30, "damage": 40, "texts": 40}
+    assert notes == []  # a held-out harmful set is given
+
+
 # --- the command, end to end (FakeEngine, real Ray, real files) -----------------------------------------
 
 RUN_CONFIG = """
@@ -233,3 +245,51 @@ def test_evaluate_front_refuses_bad_input_in_one_line(fake_run: Path, tmp_path: 
     ]:
         done = cli(*args, cwd=folder, code=2)
         assert message in done.stderr and done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_evaluate_front_with_the_openai_judge_never_writes_or_prints_the_key(fake_run: Path, tmp_path: Path):
+    """The whole command against a real chat-completions server on 127.0.0.1: the key reaches the
+    server's Authorization header, and no file of the run directory nor any output line holds it; a
+    second evaluation of the same replies is answered from the verdict cache."""
+    import shutil
+
+    from test_openai_judge import FakeEndpoint
+
+    secret = "sk-e2e-DO-NOT-LEAK-42"
+    folder = tmp_path / "copy"
+    shutil.copytree(fake_run / "run", folder / "run")  # a run of its own: the other test's rows stay apart
+    endpoint = FakeEndpoint()
+    endpoint.required_key = secret
+    judge = f"""
+[judge]
+name = "openai"
+url = "{endpoint.url}"
+model = "judge-model"
+api_key_env = "JUDGE_KEY_FOR_TEST"
+concurrency = 2
+"""
+    (folder / "eval.toml").write_text(EVAL_CONFIG + judge)
+    (folder / "eval5.toml").write_text(EVAL_CONFIG.replace("kl_tokens = 4", "kl_tokens = 5") + judge)
+    env = dict(os.environ, JUDGE_KEY_FOR_TEST=secret)
+    outputs = []
+    try:
+        for config in ("eval.toml", "eval5.toml"):
+            done = subprocess.run([sys.executable, "-m", "heretic_dist", "evaluate-front", "run", "--config", config,
+                                   "--top", "1"], capture_output=True, text=True, cwd=folder, timeout=600, env=env)
+            assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+            outputs.append(done.stdout + done.stderr)
+            if config == "eval.toml":
+                first_requests = endpoint.requests
+    finally:
+        endpoint.close()
+    assert first_requests > 0 and set(endpoint.auth) == {f"Bearer {secret}"}
+    assert endpoint.requests == first_requests  # same replies, another evaluation key: all from the cache
+    assert "verdicts from the cache" in outputs[1]
+    assert all(secret not in text for text in outputs)
+    run = st.RunDir(str(folder / "run"))
+    rows = run.read_parquet(st.EVALUATION)
+    assert len(rows) == 2 and {r["judge"] for r in rows} == {"openai"} and all(r["refusals"] is not None for r in rows)
+    for path in (folder / "run").rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
