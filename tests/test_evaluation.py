@@ -293,3 +293,18 @@ concurrency = 2
     for path in (folder / "run").rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.slow
+def test_evaluation_enabled_in_the_run_config_runs_at_the_end_of_run(tmp_path: Path):
+    """[evaluation] enabled = true: `run` measures its front on its own workers before they stop."""
+    table = "\n".join(f"evaluation.{line}" for line in EVAL_CONFIG.strip().splitlines())
+    config = RUN_CONFIG.replace("n_trials = 12", "n_trials = 6").replace("[cluster]", table + "\nevaluation.enabled = true\n[cluster]")
+    (tmp_path / "run.toml").write_text(config)
+    done = cli("run", "run.toml", "--run-dir", "run", cwd=tmp_path)
+    assert "2 model loads (0 replacements)" in done.stdout  # no second pool for the evaluation
+    assert "Evaluation of the candidates" in done.stdout and "evaluated base" in done.stdout
+    run = st.RunDir(str(tmp_path / "run"))
+    front = [r["number"] for r in pareto_front(run.read_parquet(st.TRIALS))]
+    assert sorted(r["trial"] for r in run.read_parquet(st.EVALUATION)) == sorted(front)
+    assert "evaluated refusals (keywords, 40 tokens)" in cli("status", "run", cwd=tmp_path).stdout
