@@ -209,3 +209,22 @@ def test_an_engine_error_during_setup_is_one_line_not_a_ray_traceback(tmp_path):
     assert "Traceback" not in done.stderr + done.stdout
     assert done.stderr.strip().count("\n") == 0, done.stderr
     assert "a model worker failed: " in done.stderr and "fake_fail_base is set" in done.stderr
+
+
+def test_a_dead_ray_address_is_one_line_within_30_s(tmp_path):
+    """--address where nothing listens: Ray's client retried for minutes, printing its own log lines."""
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nobody listens on once this is closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = write_config(tmp_path, 2)
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "heretic_dist", "run", str(config), "--run-dir", str(tmp_path / "run"),
+                           "--address", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - started < 30
+    assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
+    assert done.stderr.strip().count("\n") == 0, done.stderr
+    assert f"no Ray cluster answers at 127.0.0.1:{port}" in done.stderr
+    assert not (tmp_path / "run").exists()  # nothing written before the cluster answered

@@ -109,6 +109,8 @@ def start_ray(cluster: ClusterSettings, needed_cpus: float, needed_gpus: float) 
     if ray.is_initialized():
         return False
     common = dict(log_to_driver=False, configure_logging=True, logging_level=logging.ERROR)
+    if cluster.address:
+        probe_address(cluster.address)
     try:
         if cluster.address:
             ray.init(address=cluster.address, **common)
@@ -123,6 +125,21 @@ def start_ray(cluster: ClusterSettings, needed_cpus: float, needed_gpus: float) 
         where = cluster.address or "a local cluster"
         raise UserError(f"cannot start or join Ray at {where}: {str(error).splitlines()[0]}") from None
     return True
+
+
+def probe_address(address: str, timeout_s: float = 5.0) -> None:
+    """One line within seconds when nothing listens at a host:port Ray address (ray.init would retry
+    for minutes, printing the GCS client's log lines). "auto" and unparsable forms are left to Ray."""
+    target = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+        raise UserError(f"no Ray cluster answers at {address} ({reason}): check the address, or start "
+                        "a cluster with `ray start --head` (without --address, run starts its own)") from None
 
 
 def _compute_directions(pool: WorkerPool, prompts: dict[str, list[Prompt]], settings: Settings):
@@ -206,6 +223,8 @@ def run(settings: Settings, options: RunOptions) -> RunOutcome:
             "run with the old settings to resume it, use another --run-dir, or pass --new-run "
             "to archive it and start fresh")
     cluster = settings.cluster
+    if cluster.address:
+        probe_address(cluster.address)  # before anything is written to the run directory
     run_dir.check_access(write=True)
     with st.RunLock(run_dir) as lock:
         run_dir.ensure()
