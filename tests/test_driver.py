@@ -228,3 +228,25 @@ def test_a_dead_ray_address_is_one_line_within_30_s(tmp_path):
     assert done.stderr.strip().count("\n") == 0, done.stderr
     assert f"no Ray cluster answers at 127.0.0.1:{port}" in done.stderr
     assert not (tmp_path / "run").exists()  # nothing written before the cluster answered
+
+
+def test_the_embedded_cluster_keeps_rays_token_authentication(tmp_path):
+    """The CLI used to set RAY_AUTH_MODE=disabled to silence a notice; an embedded cluster now runs with
+    Ray's default token authentication (the CLI's own environment, as `heretic-dist run` sets it up)."""
+    code = """
+import os, ray
+from heretic_dist.cli import _quiet_libraries
+from heretic_dist.config import ClusterSettings
+from heretic_dist.distributed.driver import start_ray
+_quiet_libraries()
+start_ray(ClusterSettings(object_store_memory_mb=100), 1, 0)
+from ray._raylet import AuthenticationMode, get_authentication_mode
+print(get_authentication_mode() == AuthenticationMode.TOKEN,
+      ray.get(ray.remote(lambda: os.environ.get("RAY_AUTH_MODE")).remote()))
+ray.shutdown()
+"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["True", "token"], done.stdout + done.stderr[-2000:]
+    assert "Token authentication" not in done.stdout + done.stderr  # Ray's notice stays quiet
