@@ -385,6 +385,10 @@ def _write_run_info(ctx: RunContext, stats: dict[str, Any], rows: list[dict[str,
     info = dict(old, started=old.get("started", _now()), updated=_now(), n_trials=ctx.settings.n_trials,
                 workers=cluster.workers, shards_per_trial=cluster.shards_per_trial,
                 cpus_per_worker=cluster.cpus_per_worker, gpus_per_worker=cluster.gpus_per_worker)
+    import ray
+
+    if ray.is_initialized():  # where this session's driver (and so every trial function) ran
+        info["driver_node"] = ray.get_runtime_context().get_node_id()
     if rows is not None:  # the search of this session has ended
         worker_seconds = sum(sum(t.get("edit_s", 0) + t.get("kl_s", 0) + t.get("generation_s", 0)
                                  for t in (r.get("timings") or [])) for r in rows)

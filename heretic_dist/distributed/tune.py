@@ -115,7 +115,9 @@ def evaluate_trial(raw: dict[str, Any], setup: TrialSetup, pool: WorkerPool | No
     from .pool import WorkerPool
 
     t0 = time.perf_counter()
-    record: dict[str, Any] = {"trial_pid": os.getpid()}
+    import ray
+
+    record: dict[str, Any] = {"trial_pid": os.getpid(), "trial_node": ray.get_runtime_context().get_node_id()}
     try:
         pool = pool or WorkerPool.attach(setup.pool_name, setup.pool_namespace)
         params = decode_trial_params(raw, setup.n_layers, setup.allow_mlp_off)
@@ -290,9 +292,7 @@ def build_tuner(setup: TrialSetup, spec: SearchSpec, storage: Any, study_name: s
         make_sampler(spec.n_startup_trials, spec.seed, n_existing, spec.n_ei_candidates),
         on_told=on_told,
     )
-    node_resource = f"node:{ray.util.get_node_ip_address()}"
-    trainable = tune.with_resources(tune.with_parameters(trial_function, setup=setup),
-                                    {"cpu": 0, node_resource: 0.001})
+    trainable = tune.with_resources(tune.with_parameters(trial_function, setup=setup), driver_node_resources())
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -317,6 +317,19 @@ def build_tuner(setup: TrialSetup, spec: SearchSpec, storage: Any, study_name: s
         ),
     )
     return tuner, searcher
+
+
+def driver_node_resources() -> Any:
+    """Trial functions live on the driver's node, chosen by node id (a label selector): a lost spot node
+    must not take a trial function along, and several nodes may share one IP, so `node:<ip>` cannot
+    tell them apart. One byte of `memory` is the bundle's resource (every node has plenty; CPUs may all
+    be taken by the model workers)."""
+    import ray
+    from ray import tune
+    from ray.util.placement_group import NODE_ID_LABEL_KEY
+
+    node_id = ray.get_runtime_context().get_node_id()
+    return tune.PlacementGroupFactory([{"memory": 1}], bundle_label_selector=[{NODE_ID_LABEL_KEY: node_id}])
 
 
 def _trial_name(trial: Any) -> str:
