@@ -135,3 +135,50 @@ def print_evaluation(rows: list[dict[str, Any]]) -> None:
         kl = f", KL over {r['kl_tokens']} tokens" if r.get("kl_tokens") else ""
         title += f" (judge {r['judge']}, {r['max_response_length']}-token replies{kl})"
     print_table(title, headers, cells, right=headers[1:])
+
+
+RAY_ERROR_THREAD = "ray_listen_error_messages"  # Ray's driver thread that prints cluster errors
+
+
+class RayErrorFilter:
+    """A stream wrapper for sys.stdout/sys.stderr: what Ray's error-listener thread prints (a lost
+    node's "Raylet is terminated ... Last 20 lines of the Raylet logs", other nodes' errors) becomes one
+    line each, "(ray) ..."; everything else passes unchanged. Ray prints those from its own thread,
+    whatever log_to_driver says, straight into the user's terminal."""
+
+    def __init__(self, stream: IO[str]):
+        self.stream = stream
+        self._last = ""
+
+    def write(self, text: str) -> int:
+        import threading
+
+        if threading.current_thread().name != RAY_ERROR_THREAD:
+            return self.stream.write(text)
+        first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+        if not first:
+            return len(text)
+        first = first.replace("\x1b[33m", "").replace("\x1b[0m", "")
+        import re
+
+        if "Raylet is terminated" in first:
+            first = "a node's raylet ended unexpectedly: that node is lost (its workers are replaced)"
+        dead = re.search(r"node id: (\w+) and address: (\S+) .*has been marked dead because (.*?)\.", first)
+        if dead:
+            first = f"node {dead.group(1)[:12]} ({dead.group(2)}) was marked dead: {dead.group(3)}"
+        line = f"(ray) {first.removeprefix('(raylet) ')[:300]}\n"
+        if line != self._last:  # Ray says a node loss twice (raylet and GCS): once is enough
+            self.stream.write(line)
+        self._last = line
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def filter_ray_errors() -> None:
+    """Install RayErrorFilter on sys.stdout and sys.stderr (the CLI calls this once)."""
+    if not isinstance(sys.stdout, RayErrorFilter):
+        sys.stdout = RayErrorFilter(sys.stdout)  # type: ignore[assignment]
+    if not isinstance(sys.stderr, RayErrorFilter):
+        sys.stderr = RayErrorFilter(sys.stderr)  # type: ignore[assignment]

@@ -75,3 +75,28 @@ def test_help_lists_every_command(tmp_path):
     done = heretic("--help", cwd=tmp_path)
     for command in ("check", "evaluate", "run", "status", "export", "report", "batch"):
         assert command in done.stdout
+
+
+def test_what_rays_error_thread_prints_becomes_one_line_each():
+    """Ray prints a lost node's raylet log tail from its own thread into the user's terminal; the
+    CLI's stream filter turns each such message into one "(ray) ..." line and passes the rest."""
+    import io
+    import threading
+
+    from heretic_dist.display import RAY_ERROR_THREAD, RayErrorFilter
+
+    sink = io.StringIO()
+    stream = RayErrorFilter(sink)
+    tail = ("\x1b[33m(raylet)\x1b[0m Raylet is terminated. Termination is unexpected. Last 20 lines of the Raylet logs:\n"
+            "    [2026-12-01 22:56:51,228 W 1 2] (raylet) store.cc:366: Disconnecting client\n" * 3)
+    dead = ("The node with node id: 726606e6f372a77637a4 and address: 192.0.2.2 and node name: 192.0.2.2 has been "
+            "marked dead because the detector has missed too many heartbeats from it. This can happen when a\n\t(1)")
+    ray_thread = threading.Thread(target=lambda: [stream.write(tail), stream.write(tail), stream.write(dead)],
+                                  name=RAY_ERROR_THREAD)
+    ray_thread.start()
+    ray_thread.join()
+    stream.write("[3/16] trial 2: refusals 5/10\n")
+    lines = sink.getvalue().splitlines()
+    assert lines == ["(ray) a node's raylet ended unexpectedly: that node is lost (its workers are replaced)",
+                     "(ray) node 726606e6f372 (192.0.2.2) was marked dead: the detector has missed too many heartbeats from it",
+                     "[3/16] trial 2: refusals 5/10"]

@@ -1,11 +1,12 @@
-"""A real multi-node Ray cluster on this machine (`ray start` head + one more node, sharing the host's IP):
-the run's own processes stay on the driver's node, chosen by node id."""
+"""A real multi-node Ray cluster on this machine (`ray start` head + worker nodes, all sharing the host's
+IP): node losses mid-run, fresh nodes joining, the run's own processes kept on the driver's node."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -42,61 +43,125 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def two_nodes(tmp_path: Path):
-    """Head (1 CPU) + a second node (2 CPUs), token authentication on (Ray's default for a head it
-    starts); stopped by pid (never `ray stop`, which would end every Ray process on the machine)."""
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_worker_niceness="0")
-    port = _free_port()
-    address = f"127.0.0.1:{port}"
-    common = ["--num-cpus", "1", "--include-dashboard=false", "--disable-usage-stats", "--block"]
-    procs = [subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--port", str(port),
-                               *common], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)]
-    try:
-        _wait_for_nodes(address, env, 1)
-        procs.append(subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--address", address,
-                                       "--num-cpus", "2", "--disable-usage-stats", "--block"], env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
-        nodes = _wait_for_nodes(address, env, 2)
-        yield address, env, nodes
-    finally:
-        for proc in reversed(procs):
+class LocalCluster:
+    """Real Ray nodes on this machine, each a `ray start --block` process group; token authentication
+    on (Ray's default for a head it starts). Stopped by pid, never with `ray stop` (which would end
+    every Ray process on the machine)."""
+
+    def __init__(self) -> None:
+        self.env = dict(os.environ, RAY_AUTH_MODE="token", RAY_worker_niceness="0")
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.procs: list[subprocess.Popen] = []
+        self.killed = 0
+
+    def _start(self, *args: str) -> None:
+        self.procs.append(subprocess.Popen(
+            [sys.executable, "-m", "ray.scripts.scripts", "start", *args, "--disable-usage-stats", "--block"],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        self.wait_for_nodes(len(self.procs) - self.killed)
+
+    def start_head(self, cpus: int = 1) -> None:
+        self._start("--head", "--port", str(self.port), "--num-cpus", str(cpus), "--include-dashboard=false")
+
+    def add_node(self, cpus: int = 1) -> None:
+        self._start("--address", self.address, "--num-cpus", str(cpus))
+
+    def kill_node(self, index: int) -> None:
+        """SIGKILL of that node's raylet: what a vanished spot instance looks like to the cluster."""
+        import psutil
+
+        raylets = [c for c in psutil.Process(self.procs[index].pid).children(recursive=True) if "raylet" in c.name()]
+        assert raylets, f"node {index} has no raylet"
+        for raylet in raylets:
+            raylet.kill()
+        self.killed += 1
+
+    def nodes(self) -> list[dict]:
+        code = (f"import json, ray; ray.init(address={self.address!r}, log_to_driver=False); "
+                "print('NODES ' + json.dumps([{'id': x['NodeID'], 'alive': x['Alive'], 'cpus': x['Resources'].get('CPU', 0)} "
+                "for x in ray.nodes()]))")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=self.env, timeout=120)
+        assert done.returncode == 0, done.stderr[-1000:]
+        (line,) = [x for x in done.stdout.splitlines() if x.startswith("NODES ")]
+        return json.loads(line.removeprefix("NODES "))
+
+    def wait_for_nodes(self, n: int, timeout_s: float = 90) -> list[dict]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(AssertionError, ValueError, subprocess.TimeoutExpired):
+                alive = [x for x in self.nodes() if x["alive"]]
+                if len(alive) >= n:
+                    return alive
+            time.sleep(1)
+        raise AssertionError(f"the test cluster did not reach {n} live nodes")
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                os.killpg(proc.pid, signal.SIGKILL)  # a throwaway test cluster: no graceful stop needed
+        for proc in self.procs:
+            proc.wait(timeout=60)
 
 
-def _wait_for_nodes(address: str, env: dict[str, str], n: int, timeout_s: float = 90) -> list[dict]:
-    code = (f"import json, ray; ray.init(address={address!r}, log_to_driver=False); "
-            "print(json.dumps([{'id': x['NodeID'], 'cpus': x['Resources'].get('CPU', 0), 'head': "
-            "'node:__internal_head__' in x['Resources']} for x in ray.nodes() if x['Alive']]))")
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-        if done.returncode == 0:
-            nodes = json.loads(done.stdout.strip().splitlines()[-1])
-            if len(nodes) >= n:
-                return nodes
-        time.sleep(1)
-    raise AssertionError(f"the test cluster did not reach {n} nodes: {done.stderr[-1000:]}")
+@pytest.fixture
+def cluster():
+    c = LocalCluster()
+    try:
+        yield c
+    finally:
+        c.stop()
 
 
-def test_trial_functions_stay_on_the_drivers_node_when_nodes_share_an_ip(tmp_path: Path, two_nodes):
-    address, env, nodes = two_nodes
-    (tmp_path / "run.toml").write_text(CONFIG)
-    done = subprocess.run([sys.executable, "-m", "heretic_dist", "run", "run.toml", "--run-dir", "run",
-                           "--address", address], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    run_dir = tmp_path / "run"
-    driver_node = json.loads((run_dir / st.RUN_INFO).read_text())["driver_node"]
-    assert driver_node in {n["id"] for n in nodes}
+def _trial_records(run_dir: Path) -> list:
     manifest = json.loads((run_dir / st.MANIFEST).read_text())
-    trials = open_study(str(run_dir / st.JOURNAL), manifest["run_id"]).trials
-    assert len(trials) == 10 and {t.user_attrs["trial_node"] for t in trials} == {driver_node}
-    # the model workers used both nodes (the head has room for one): the pool really spans two nodes
-    assert len({w for t in trials for w in t.user_attrs["worker_ids"]}) == 2
+    return open_study(str(run_dir / st.JOURNAL), manifest["run_id"]).trials
+
+
+def test_two_node_losses_with_fresh_nodes_joining_lose_no_trial(tmp_path: Path, cluster: LocalCluster):
+    """SIGKILL of a worker node's raylet mid-trial, twice, a fresh node joining after each: every
+    trial completes once, each lost worker is replaced, and the fresh nodes serve trials."""
+    import threading
+
+    cluster.start_head()  # 1 CPU: the driver's node, one model worker
+    cluster.add_node()  # 1 CPU: the second worker
+    config = CONFIG.replace("n_trials = 10", "n_trials = 16") + "[engine_options]\nfake_trial_seconds = 3.0\n"
+    (tmp_path / "run.toml").write_text(config)
+    proc = subprocess.Popen([sys.executable, "-m", "heretic_dist", "run", "run.toml", "--run-dir", "run",
+                             "--address", cluster.address], cwd=tmp_path, env=dict(cluster.env, PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    progress = {"done": 0}
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            found = re.match(r"\s*\[(\d+)/16\]", line)
+            if found:
+                progress["done"] = int(found.group(1))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    for after in (2, 8):  # kill the newest worker node once `after` trials are done, then add a fresh one
+        deadline = time.monotonic() + 300
+        while progress["done"] < after and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        cluster.kill_node(len(cluster.procs) - 1)
+        time.sleep(2)
+        cluster.add_node()
+    proc.wait(timeout=600)
+    reader.join(timeout=10)
+    out = "".join(lines)
+    (tmp_path / "run-output.txt").write_text(out)  # for a look after a failure
+    assert proc.returncode == 0, out[-3000:]
+    trials = _trial_records(tmp_path / "run")
+    states = [t.state.name for t in trials]
+    assert states.count("COMPLETE") == 16 and "FAIL" not in states, out[-3000:]
+    assert "Traceback" not in out and "(raylet)" not in out, out[-3000:]
+    assert "4 model loads (2 replacements)" in out, out[-1500:]
+    workers = {w for t in trials if t.state.name == "COMPLETE" for w in t.user_attrs["worker_ids"]}
+    assert {"w2", "w3"} <= workers, workers  # the replacements on the fresh nodes served trials
+    # every trial function ran on the driver's node, chosen by node id: the nodes share one IP, so the
+    # old `node:<ip>` pin let Tune place them on the worker nodes, and a lost node took them along
+    driver_node = json.loads((tmp_path / "run" / st.RUN_INFO).read_text())["driver_node"]
+    assert {t.user_attrs["trial_node"] for t in trials} == {driver_node}
