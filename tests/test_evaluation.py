@@ -179,7 +179,7 @@ def test_evaluate_front_measures_candidates_in_parallel_and_resumes_after_a_kill
     (folder / "eval.toml").write_text(EVAL_CONFIG)
     trials = _three_trials(run_dir)
     args = ["evaluate-front", "run", "--config", "eval.toml", "--trials", ",".join(map(str, trials)),
-            "--set", "engine_options={fake_evaluate_seconds = 3.0}"]
+            "--set", "engine_options={fake_evaluate_seconds = 2.0}"]
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "heretic_dist", *args], cwd=folder, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -258,7 +258,7 @@ def test_evaluate_front_with_the_openai_judge_never_writes_or_prints_the_key(fak
 
     secret = "sk-e2e-DO-NOT-LEAK-42"
     folder = tmp_path / "copy"
-    shutil.copytree(fake_run / "run", folder / "run")  # a run of its own: the other test's rows stay apart
+    shutil.copytree(fake_run / "run", folder / "run", ignore=shutil.ignore_patterns("evaluation*"))  # no other rows
     endpoint = FakeEndpoint()
     endpoint.required_key = secret
     judge = f"""

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -97,6 +98,12 @@ class LocalCluster:
         raise AssertionError(f"the test cluster did not reach {n} live nodes")
 
     def stop(self) -> None:
+        # a killed head leaves Ray's "current cluster" file behind, and every later ray.init() without
+        # an address would try to join that dead cluster
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        with contextlib.suppress(OSError):
+            if current.read_text().strip().endswith(f":{self.port}"):
+                current.unlink()
         for proc in reversed(self.procs):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # a throwaway test cluster: no graceful stop needed
@@ -113,6 +120,13 @@ def cluster():
         c.stop()
 
 
+def served(run_dir: Path) -> set[str]:
+    """Worker ids that have served a finished trial so far (read from the live study journal)."""
+    with contextlib.suppress(Exception):
+        return {w for t in _trial_records(run_dir) if t.state.name == "COMPLETE" for w in t.user_attrs["worker_ids"]}
+    return set()
+
+
 def _trial_records(run_dir: Path) -> list:
     manifest = json.loads((run_dir / st.MANIFEST).read_text())
     return open_study(str(run_dir / st.JOURNAL), manifest["run_id"]).trials
@@ -125,7 +139,7 @@ def test_two_node_losses_with_fresh_nodes_joining_lose_no_trial(tmp_path: Path, 
 
     cluster.start_head()  # 1 CPU: the driver's node, one model worker
     cluster.add_node()  # 1 CPU: the second worker
-    config = CONFIG.replace("n_trials = 10", "n_trials = 16") + "[engine_options]\nfake_trial_seconds = 3.0\n"
+    config = CONFIG.replace("n_trials = 10", "n_trials = 28") + "[engine_options]\nfake_trial_seconds = 2.0\n"
     (tmp_path / "run.toml").write_text(config)
     proc = subprocess.Popen([sys.executable, "-m", "heretic_dist", "run", "run.toml", "--run-dir", "run",
                              "--address", cluster.address], cwd=tmp_path, env=dict(cluster.env, PYTHONUNBUFFERED="1"),
@@ -136,16 +150,19 @@ def test_two_node_losses_with_fresh_nodes_joining_lose_no_trial(tmp_path: Path, 
     def read() -> None:
         for line in proc.stdout:
             lines.append(line)
-            found = re.match(r"\s*\[(\d+)/16\]", line)
+            found = re.match(r"\s*\[(\d+)/28\]", line)
             if found:
                 progress["done"] = int(found.group(1))
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    for after in (2, 8):  # kill the newest worker node once `after` trials are done, then add a fresh one
+    for ready in (lambda: progress["done"] >= 2, lambda: "w2" in served(tmp_path / "run")):
+        # kill the newest worker node once `ready` (the second time: once the first replacement, on the
+        # first fresh node, has served a trial), then a fresh node joins
         deadline = time.monotonic() + 300
-        while progress["done"] < after and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
+        while not ready() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert proc.poll() is None, "the run ended before the node loss: " + "".join(lines)[-2000:]
         cluster.kill_node(len(cluster.procs) - 1)
         time.sleep(2)
         cluster.add_node()
@@ -156,7 +173,7 @@ def test_two_node_losses_with_fresh_nodes_joining_lose_no_trial(tmp_path: Path, 
     assert proc.returncode == 0, out[-3000:]
     trials = _trial_records(tmp_path / "run")
     states = [t.state.name for t in trials]
-    assert states.count("COMPLETE") == 16 and "FAIL" not in states, out[-3000:]
+    assert states.count("COMPLETE") == 28 and "FAIL" not in states, out[-3000:]
     assert "Traceback" not in out and "(raylet)" not in out, out[-3000:]
     assert "4 model loads (2 replacements)" in out, out[-1500:]
     workers = {w for t in trials if t.state.name == "COMPLETE" for w in t.user_attrs["worker_ids"]}
