@@ -112,6 +112,11 @@ def main() -> None:
   (HTTP round trips only; a real judge model adds its own time)
 - machine: {machine()}; {load}
 - command: `python scripts/bench_refusal_judge.py --repeats {args.repeats} --record`, {now_utc()}
+- reading: the early stop only saves the tokens after a marker in replies that contain one; with
+  {sum(r for n, _, _, r, _ in rows if n.startswith("markers"))} refusing replies over the marker rows here, it saves
+  {"nothing on this model (SmolLM2 refuses none of these prompts), so the judge variants cost only their judging" if not any(r for n, _, _, r, _ in rows if n.startswith("markers")) else "the difference shown"}.
+  On a model that refuses, a judge costs up to (max_response_length - marker position) more decode
+  steps per refusing reply, plus the judge's own time
 
 | variant | max_weight | s per trial | vs markers | of which judging s | refusals |
 |---|---:|---:|---:|---:|---:|
