@@ -171,22 +171,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _open_run(run_uri: str):
-    from . import rundir as st
-    from .search.study import open_storage
+    from .evaluation.front import open_run
 
-    run = st.RunDir(run_uri)
-    run.check_access()
-    if not run.exists(st.MANIFEST):
-        raise UserError(f"{run_uri} is not a heretic-dist run directory (no {st.MANIFEST})")
-    manifest = run.read_json(st.MANIFEST)
-    run.pull_journal()
-    if not run.journal_path().exists():
-        raise UserError(f"{run_uri} has no study yet; start it with heretic-dist run")
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=manifest["run_id"], storage=open_storage(str(run.journal_path())))
-    return run, manifest, study
+    return open_run(run_uri, set_up=False)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -144,18 +144,12 @@ def load_evaluation_file(path: str) -> EvaluationSettings:
 
     from heretic_dist.errors import UserError
 
-    from .load import read_toml_file
+    from .load import read_toml_file, resolve_dataset_paths
 
     file = Path(path)
     data = read_toml_file(file, "evaluation config")
     table = data["evaluation"] if isinstance(data.get("evaluation"), dict) else data
-    for name in EVALUATION_PROMPT_SETS:
-        spec = table.get(name)
-        dataset = spec.get("dataset") if isinstance(spec, dict) else None
-        if isinstance(dataset, str) and dataset and not dataset.startswith("builtin:"):
-            candidate = file.parent / Path(dataset).expanduser()
-            if not Path(dataset).expanduser().is_absolute() and candidate.exists():
-                spec["dataset"] = str(candidate)
+    resolve_dataset_paths({"evaluation": table}, file.parent)  # the run config's rule, for these sets
     try:
         return EvaluationSettings.model_validate(table)
     except ValidationError as error:

@@ -71,7 +71,7 @@ def load_settings(path: str | Path | None, overrides: dict[str, Any] | None = No
         p = Path(path)
         data = from_upstream(read_toml_file(p, "config"), source)  # upstream master/2.x shapes to ours
         _check_keys(data, source)
-        _resolve_dataset_paths(data, p.parent)
+        resolve_dataset_paths(data, p.parent)
 
     origin = {key: source for key in _dotted_keys(data)}  # dotted key -> where it came from, for errors
     if overrides:
@@ -96,7 +96,7 @@ def check_table(table: Mapping[str, Any], source: str, *base_dirs: Path) -> dict
     checked = from_upstream(_expand_dotted(copy.deepcopy(dict(table))), source)
     _check_keys(checked, source)
     for base in base_dirs:
-        _resolve_dataset_paths(checked, base)
+        resolve_dataset_paths(checked, base)
     return checked
 
 
@@ -182,7 +182,7 @@ def _check_table_keys(table: str, values: dict[str, Any], model: type[BaseModel]
             raise UserError(f"unknown key '{table}.{sub}' in {source}{did_you_mean(sub, fields, f'{table}.')}")
 
 
-def _resolve_dataset_paths(data: dict[str, Any], base: Path) -> None:
+def resolve_dataset_paths(data: dict[str, Any], base: Path) -> None:
     """A relative dataset path in the file means relative to the file, when it exists there."""
     evaluation = data.get("evaluation") if isinstance(data.get("evaluation"), dict) else {}
     specs = [data.get(key) for key in PROMPT_SET_KEYS] + [evaluation.get(k) for k in EVALUATION_PROMPT_SETS]

@@ -25,8 +25,9 @@ class EvaluateOptions:
     progress: Callable[[str], None] = print
 
 
-def open_run(uri: str) -> tuple[st.RunDir, dict[str, Any], Any]:
-    """The run directory, its manifest and its study; one line when it is not a run with trials."""
+def open_run(uri: str, *, set_up: bool = True) -> tuple[st.RunDir, dict[str, Any], Any]:
+    """The run directory, its manifest and its study; one line when it is not a run with a study
+    (`set_up`: also when the run has not finished its setup, which evaluate-front needs)."""
     import optuna
 
     from ..search.study import open_storage
@@ -36,7 +37,7 @@ def open_run(uri: str) -> tuple[st.RunDir, dict[str, Any], Any]:
     manifest = st.read_manifest(run)
     if manifest is None:
         raise UserError(f"{uri} is not a heretic-dist run directory (no {st.MANIFEST})")
-    if "n_layers" not in manifest:
+    if set_up and "n_layers" not in manifest:
         raise UserError(f"{uri} has not finished setting up its run yet; start or resume it with heretic-dist run")
     run.pull_journal()
     if not run.journal_path().exists():
