@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, WorkerCrashedError
 
+from . import replica
 from .worker import ModelWorker
 
 if TYPE_CHECKING:
@@ -65,7 +66,10 @@ class WorkerBroker:
         self.n_workers = n_workers
         self.worker_options = worker_options
         self.health_timeout_s = health_timeout_s
-        self.remote_cls = ray.remote(concurrency_groups={"status": 1})(ModelWorker).options(**worker_options)
+        self.actor_cls = ray.remote(concurrency_groups={"status": 1})(ModelWorker)
+        self.remote_cls = self.actor_cls.options(**worker_options)
+        self.tensor_parallel = int(settings.cluster.tensor_parallel) if hasattr(settings, "cluster") else 1
+        self.groups: dict[str, replica.ReplicaGroup] = {}  # tensor-parallel replicas: all their ranks
         self.ids = itertools.count()
         self.workers: dict[str, Any] = {}  # alive (or believed alive) workers
         self.free: list[str] = []
@@ -85,14 +89,17 @@ class WorkerBroker:
     async def _spawn(self) -> tuple[str, Any]:
         """Start one worker, wait for its model load, replay the setup log. Raises PoolError on failure."""
         worker_id = f"w{next(self.ids)}"
-        actor = self.remote_cls.remote(self.engine, self.settings, worker_id)
+        actor = None
         try:
+            actor = await self._start_actor(worker_id)
             health = await actor.health.remote()
+        except PoolError:
+            raise
         except Exception as exc:  # the actor died while loading (e.g. out of memory)
-            ray.kill(actor)
+            self._kill(worker_id, actor)
             raise PoolError(f"worker {worker_id} died while loading: {short_error(exc)}") from None
         if health.get("error"):
-            ray.kill(actor)
+            self._kill(worker_id, actor)
             raise PoolError(f"worker {worker_id} on {health.get('host')}: {health['error']}")
         self.loads[worker_id] = int(health["loads"])
         self.load_seconds[worker_id] = float(health["load_seconds"])
@@ -104,6 +111,27 @@ class WorkerBroker:
             i += 1
         return worker_id, actor
 
+    async def _start_actor(self, worker_id: str) -> Any:
+        """One model worker, or rank 0 of a tensor-parallel replica whose ranks are all loaded."""
+        if self.tensor_parallel <= 1:
+            return self.remote_cls.remote(self.engine, self.settings, worker_id)
+        try:
+            actor, group = await replica.start_replica(self.actor_cls, self.worker_options, self.tensor_parallel,
+                                                       self.engine, self.settings, worker_id)
+        except RuntimeError as exc:
+            raise PoolError(f"worker {worker_id} (tensor-parallel replica) failed to load: {exc}") from None
+        self.groups[worker_id] = group
+        return actor
+
+    def _kill(self, worker_id: str, actor: Any) -> None:
+        """End a worker, with every rank and the placement group of its replica."""
+        if actor is not None:
+            with contextlib.suppress(Exception):
+                ray.kill(actor)
+        group = self.groups.pop(worker_id, None)
+        if group is not None:
+            group.kill()
+
     async def start(self) -> list[dict[str, Any]]:
         results = await asyncio.gather(*(self._spawn() for _ in range(self.n_workers)), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
@@ -111,8 +139,8 @@ class WorkerBroker:
             if not isinstance(r, BaseException):
                 self.workers[r[0]] = r[1]
         if errors:
-            for actor in self.workers.values():
-                ray.kill(actor)
+            for worker_id, actor in self.workers.items():
+                self._kill(worker_id, actor)
             self.workers.clear()
             raise PoolError(str(errors[0]))
         self.free = list(self.workers)
@@ -132,7 +160,7 @@ class WorkerBroker:
             self.starting -= 1
             self.replacements += 1
             if self.closed:
-                ray.kill(actor)
+                self._kill(worker_id, actor)
                 return
             self.workers[worker_id] = actor
             self.free.append(worker_id)
@@ -182,8 +210,8 @@ class WorkerBroker:
         if actor is None:
             return True  # already handled (reported by another caller)
         try:
-            await asyncio.wait_for(actor.health.remote(), self.health_timeout_s)
-            alive = True
+            health = await asyncio.wait_for(actor.health.remote(), self.health_timeout_s)
+            alive = not health.get("error")  # a replica that lost a rank answers, but cannot serve
         except Exception:
             alive = False
         async with self.cond:
@@ -199,8 +227,7 @@ class WorkerBroker:
                 self.free.remove(worker_id)
             self.lost.append({"worker_id": worker_id, "host": self.hosts.get(worker_id, ""), "reason": reason})
             self.starting += 1
-        with contextlib.suppress(Exception):
-            ray.kill(actor)
+        self._kill(worker_id, actor)
         asyncio.get_running_loop().create_task(self._replace())
         return True
 
@@ -274,16 +301,19 @@ class WorkerBroker:
         """worker id -> actor handle of the alive workers (for tests and diagnostics)."""
         return dict(self.workers)
 
+    async def rank_handles(self) -> dict[str, list[Any]]:
+        """worker id -> the handles of every rank of its tensor-parallel replica (tests, diagnostics)."""
+        return {w: list(g.ranks) for w, g in self.groups.items() if w in self.workers}
+
     async def shutdown(self) -> None:
         async with self.cond:
             self.closed = True
-            actors = list(self.workers.values())
+            actors = list(self.workers.items())
             self.workers.clear()
             self.free.clear()
             self.cond.notify_all()
-        for a in actors:
-            with contextlib.suppress(Exception):
-                ray.kill(a)
+        for worker_id, actor in actors:
+            self._kill(worker_id, actor)
 
 
 def short_error(exc: BaseException, limit: int = 600) -> str:

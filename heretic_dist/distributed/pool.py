@@ -122,8 +122,12 @@ class WorkerPool:
             raise WorkerStartError("the pool needs at least one worker")
         if not ray.is_initialized():
             raise RuntimeError("ray.init() must run before a WorkerPool is created")
-        if check_resources:
-            _check_resources(n_workers, cpus_per_worker, gpus_per_worker, resources or {})
+        ranks = int(getattr(getattr(settings, "cluster", None), "tensor_parallel", 1) or 1)
+        if check_resources:  # a tensor-parallel replica takes its per-worker resources once per rank
+            _check_resources(n_workers * ranks, cpus_per_worker, gpus_per_worker, resources or {})
+        if ranks > 1 and scheduling_strategy:
+            raise WorkerStartError("tensor_parallel > 1 places each replica in its own placement group: "
+                                   "it cannot take a scheduling strategy")
         worker_options: dict[str, Any] = {
             "num_cpus": cpus_per_worker,
             "num_gpus": gpus_per_worker,

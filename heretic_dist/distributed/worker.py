@@ -6,17 +6,20 @@ resources of the run. A worker never writes run state; it answers calls and repo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import ray
 
 from heretic_dist.engine.protocol import TrialEngine, engine_class
 from heretic_dist.engine.types import EvaluationRequest, EvaluationResult, PartialResult, Prompt, Shard, TrialParams
+
+from . import replica
 
 if TYPE_CHECKING:
     from heretic_dist.config import Settings
@@ -36,10 +39,19 @@ def describe_error(exc: BaseException) -> str:
 
 
 class ModelWorker:
-    """Holds one engine, chosen by its registered name (engine/protocol.py), built from the settings."""
+    """Holds one engine, chosen by its registered name (engine/protocol.py), built from the settings.
 
-    def __init__(self, engine: str, settings: Settings, worker_id: str | None = None):
+    With world_size > 1 it is one rank of a tensor-parallel replica (distributed/replica.py): the model
+    loads in `load()`, once every rank knows the group's address, and rank 0 mirrors each engine call to
+    the other ranks (`replica.lockstep`).
+    """
+
+    def __init__(self, engine: str, settings: Settings, worker_id: str | None = None, *, rank: int = 0,
+                 world_size: int = 1):
         self.worker_id = worker_id or uuid.uuid4().hex[:8]
+        self.rank, self.world_size = rank, world_size
+        self._peers: list[Any] = []
+        self._peer_pids: list[int] = []
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self.loads = 0
@@ -54,9 +66,14 @@ class ModelWorker:
         # A load error is kept and reported by health() instead of raised: a constructor exception would
         # surface as a bare ActorDiedError with the real cause buried in a log.
         self.load_error: str | None = None
+        self._engine_name = engine
+        if world_size == 1:
+            self._load()
+
+    def _load(self) -> None:
         start = time.perf_counter()
         try:
-            self.engine = engine_class(engine)(settings)
+            self.engine = engine_class(self._engine_name)(self._settings)
             self._info = dict(self.engine.info())
         except Exception as exc:  # noqa: BLE001 - reported to the pool, which kills this actor
             self.load_error = describe_error(exc)
@@ -64,10 +81,38 @@ class ModelWorker:
             self.loads += 1
         self.load_seconds = time.perf_counter() - start
 
+    # -- one rank of a tensor-parallel replica ------------------------------------------------------
+
+    def rendezvous(self) -> tuple[str, int]:
+        return replica.rendezvous_address()
+
+    def load(self, address: tuple[str, int]) -> str | None:
+        """Join the group at `address` and load this rank's shards. Returns the load error, if any."""
+        os.environ.update(replica.rank_environment(self.rank, self.world_size, address))
+        self._load()
+        return self.load_error
+
+    def attach_peers(self, peers: list[Any], load_seconds: float) -> None:
+        """Rank 0: the other ranks of the replica, driven in lockstep from now on."""
+        self._peers = list(peers)
+        self._peer_pids = [h["pid"] for h in ray.get([p.health.remote() for p in self._peers])]
+        self.load_seconds = load_seconds
+
+    @contextlib.contextmanager
+    def _lockstep(self, method: str, *args: Any) -> Iterator[None]:
+        """Serialize engine calls (health() runs on its own thread) and mirror them to the peers."""
+        with self._lock, replica.lockstep(self._peers, method, *args):
+            yield
+
     @ray.method(concurrency_group="status")
     def health(self) -> dict[str, Any]:
+        error = self.load_error
+        if self._peers and error is None:
+            ready, _ = ray.wait([p.health.remote() for p in self._peers], num_returns=len(self._peers), timeout=10)
+            if len(ready) < len(self._peers) or any(r.get("error") for r in ray.get(ready)):
+                error = "a rank of this tensor-parallel replica is lost"
         return {
-            "error": self.load_error,
+            "error": error,
             "worker_id": self.worker_id,
             "host": self.host,
             "pid": self.pid,
@@ -75,6 +120,9 @@ class ModelWorker:
             "load_seconds": self.load_seconds,
             "loads": self.loads,
             "trials_run": self.trials_run,
+            "rank": self.rank,
+            "ranks": self.world_size,
+            "peer_pids": list(self._peer_pids),
         }
 
     @ray.method(concurrency_group="status")
@@ -87,15 +135,15 @@ class ModelWorker:
         return self.engine
 
     def responses(self, prompts: list[Prompt], skip_special_tokens: bool = False) -> list[str]:
-        with self._lock:
+        with self._lockstep("responses", prompts, skip_special_tokens):
             return self._engine().responses(prompts, skip_special_tokens)
 
     def prefix_replies(self, prompts: list[Prompt]) -> list[str]:
-        with self._lock:
+        with self._lockstep("prefix_replies", prompts):
             return self._engine().prefix_replies(prompts)
 
     def set_response_prefix(self, prefix: str) -> None:
-        with self._lock:
+        with self._lockstep("set_response_prefix", prefix):
             self._engine().set_response_prefix(prefix)
             if prefix != self._prefix and self._judge is not None:
                 self._judge.close()
@@ -104,13 +152,13 @@ class ModelWorker:
 
     def residual_sums(self, prompts: list[Prompt]):
         """(float64 sums, count). Sums are a CPU torch tensor (Ray ships it zero-copy as numpy)."""
-        with self._lock:
+        with self._lockstep("residual_sums", prompts):
             sums, count = self._engine().residual_sums(prompts)
         return sums.detach().to("cpu").double(), int(count)
 
     def residuals(self, prompts: list[Prompt]):
         """First-token residuals per prompt, (n, L+2, d) float32 CPU tensor (research mode)."""
-        with self._lock:
+        with self._lockstep("residuals", prompts):
             return self._engine().residuals(prompts).detach().to("cpu").float()
 
     def set_directions(self, directions) -> None:
@@ -119,24 +167,24 @@ class ModelWorker:
 
         if not isinstance(directions, torch.Tensor):
             directions = torch.as_tensor(directions)
-        with self._lock:
+        with self._lockstep("set_directions", directions):
             self._engine().set_directions(directions)
 
     def set_eval_prompts(self, good: list[Prompt], bad: list[Prompt]) -> None:
-        with self._lock:
+        with self._lockstep("set_eval_prompts", good, bad):
             self._engine().set_eval_prompts(good, bad)
 
     def warm_baselines(self, shards: list[Shard]) -> None:
         """Compute the unedited log-probs of the shards trials will use, once, before any trial."""
-        with self._lock:
+        with self._lockstep("warm_baselines", shards):
             self._engine().warm_baselines(shards)
 
     def run_trial(self, params: dict[str, Any] | TrialParams | None, shard: Shard) -> PartialResult:
         if isinstance(params, dict):
             params = TrialParams.from_dict(params)
-        with self._lock:
+        with self._lockstep("run_trial", params, shard):
             result = self._engine().run_trial(params, shard)
-            if result.replies_to_judge is not None:
+            if result.replies_to_judge is not None and self.rank == 0:
                 self._judge_refusals(result)
             self.trials_run += 1
         result.worker_id = self.worker_id
@@ -161,7 +209,7 @@ class ModelWorker:
         """evaluate-front's measures of one candidate (None = the unedited model)."""
         if isinstance(params, dict):
             params = TrialParams.from_dict(params)
-        with self._lock:
+        with self._lockstep("evaluate", params, request):
             result = self._engine().evaluate(params, request)
         result.host = self.host
         return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -64,27 +65,38 @@ def lora_factors(
     row_normalization: str,
     rank: int = 1,
     seed: int = 0,
+    layout: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LoRA factors (A: r x d_in, B: d_out x r) so that W + B A is the ablated weight.
 
     weight is float32 (d_out x d_in), or a stack (..., d_out, d_in) of modules that share v and w
     (e.g. one layer's experts: one batched call instead of one per module); v is a unit vector in
     the output space, w the tent weight. Batched factors equal the per-module ones.
+
+    layout (engine/parallel.py ShardLayout): weight is this rank's column block of a row-parallel
+    module; the factors are then the full module's, A cut to the same columns (B is whole).
     """
     b = (-w * v)[:, None].expand(*weight.shape[:-2], -1, 1)
     if row_normalization == "none":
         return (v @ weight)[..., None, :], b
     if row_normalization == "full":
-        return full_normalization_factors(weight, v, w, rank, seed)
+        return full_normalization_factors(weight, v, w, rank, seed, layout)
     if row_normalization != "pre":
         raise ValueError(f"unknown row_normalization {row_normalization!r}")
-    norms = torch.linalg.vector_norm(weight, dim=-1, keepdim=True)
-    a = (v @ F.normalize(weight, p=2, dim=-1))[..., None, :]
+    norms = _row_norms(weight, layout)[..., None]
+    a = (v @ (weight / norms.clamp_min(1e-12)))[..., None, :]  # F.normalize's eps
     return a, norms * b
 
 
+def _row_norms(weight: torch.Tensor, layout: Any = None) -> torch.Tensor:
+    """L2 norm of each row (of the whole module: a row's columns may sit on several ranks)."""
+    if layout is None:
+        return torch.linalg.vector_norm(weight, dim=-1)
+    return torch.sqrt(layout.reduce((weight * weight).sum(dim=-1)))
+
+
 def full_normalization_factors(
-    weight: torch.Tensor, v: torch.Tensor, w: float, rank: int, seed: int
+    weight: torch.Tensor, v: torch.Tensor, w: float, rank: int, seed: int, layout: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-`rank` factors of delta = normalize_rows(U + b a) * norms - W, the seeded randomized SVD
     (torch.svd_lowrank, q = 2 rank + 4, 6 power iterations), without building any d_out x d_in matrix.
@@ -96,24 +108,33 @@ def full_normalization_factors(
     W plus a rank-1 term, and the randomized SVD below is torch.svd_lowrank's algorithm step by step
     (same random draws, same orientation), run through those products. The products are ordered
     so that the big matrix is the second operand, which this CPU's GEMM handles 2-3x faster.
+
+    With a `layout`, weight is one rank's column block: products into the output space are summed
+    over the ranks, products into the input space are gathered whole, so every rank runs the same
+    algorithm on the same (whole) small matrices and keeps its own columns of A.
     """
-    raw_norms = torch.linalg.vector_norm(weight, dim=-1)
+    reduce = layout.reduce if layout is not None else (lambda x: x)
+    gather = layout.gather if layout is not None else (lambda x: x)
+    local = layout.local if layout is not None else (lambda x, dim=-2: x)
+    raw_norms = _row_norms(weight, layout)
     norms = raw_norms.clamp_min(1e-12)  # F.normalize's eps
-    a = ((v / norms)[..., None, :] @ weight)[..., 0, :]  # v U
+    a = ((v / norms)[..., None, :] @ weight)[..., 0, :]  # v U (this rank's columns)
     b = -w * v
-    u_dot_a = (weight @ a[..., None])[..., 0] / norms
+    u_dot_a = reduce((weight @ a[..., None])[..., 0]) / norms
     unit_sq = (raw_norms / norms) ** 2  # 1, or 0 for a zero row
-    a_sq = (a * a).sum(dim=-1, keepdim=True)
+    a_sq = reduce((a * a).sum(dim=-1, keepdim=True))
     n = torch.sqrt((unit_sq + 2 * b * u_dot_a + b * b * a_sq).clamp_min(0)).clamp_min(1e-12)
     scale, h = (1 / n - 1)[..., None], (norms * b / n)[..., None]  # (..., d_out, 1)
 
-    def times(x: torch.Tensor) -> torch.Tensor:  # delta @ x, x: (..., d_in, k)
-        return scale * (x.mT @ weight.mT).mT + h * (a[..., None, :] @ x)
+    def times(x: torch.Tensor) -> torch.Tensor:  # delta @ x, x: (..., d_in, k), whole
+        x = local(x)
+        return reduce(scale * (x.mT @ weight.mT).mT + h * (a[..., None, :] @ x))
 
-    def times_t(y: torch.Tensor) -> torch.Tensor:  # delta.T @ y, y: (..., d_out, k)
-        return ((scale * y).mT @ weight).mT + a[..., :, None] * (h.mT @ y)
+    def times_t(y: torch.Tensor) -> torch.Tensor:  # delta.T @ y, y: (..., d_out, k) -> whole (..., d_in, k)
+        return gather(((scale * y).mT @ weight).mT + a[..., :, None] * (h.mT @ y))
 
-    m, d_in = weight.shape[-2:]
+    m = weight.shape[-2]
+    d_in = layout.total if layout is not None else weight.shape[-1]
     tall = m >= d_in  # torch.svd_lowrank works on the tall orientation
     mul, mul_t = (times, times_t) if tall else (times_t, times)
     q = 2 * rank + 4
@@ -128,7 +149,7 @@ def full_normalization_factors(
     if not tall:
         left, right = right, left
     sqrt_s = torch.sqrt(s[..., :rank])
-    return sqrt_s[..., :, None] * right[..., :rank].mT, left[..., :rank] * sqrt_s[..., None, :]
+    return local(sqrt_s[..., :, None] * right[..., :rank].mT, -1), left[..., :rank] * sqrt_s[..., None, :]
 
 
 def reference_full_normalization_factors(

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from . import experts, passes
+from . import experts, parallel, passes
 from heretic_dist.search.space import layer_weight
 
 from .ablation import layer_direction, lora_factors
@@ -30,13 +30,20 @@ class Engine:
 
     def __init__(self, settings, loaded=None):
         self.settings = settings
-        self.loaded = loaded or load_model(settings)
+        # (rank, world size) when this process is one rank of a tensor-parallel replica (engine/parallel.py)
+        self.tensor_parallel = parallel.tensor_parallel_env(settings) if loaded is None else None
+        self.loaded = loaded or (self._load_rank(settings) if self.tensor_parallel else load_model(settings))
         self.tokenizer = self.loaded.tokenizer
         self.components: LayerComponents = find_components(
             self.loaded.model, mlp=not getattr(settings, "attention_only", False))
         self.rank = settings.full_normalization_lora_rank if settings.row_normalization == "full" else 1
         self.fused = self.components.all_fused()
         experts.refuse_quantized(self.fused)
+        if self.tensor_parallel and self.fused:
+            from heretic_dist.errors import UserError
+
+            raise UserError("tensor_parallel > 1 does not split fused MoE experts yet: use tensor_parallel = 1 "
+                            "with gpus_per_worker > 1 (device_map) for this model")
         self._route_fused_experts()
         self.model = self._attach_lora(self.loaded.model)
         self.seed = settings.seed if settings.seed is not None else 0
@@ -112,7 +119,20 @@ class Engine:
             self.fused = [e for e in self.fused if e.name not in names]
             self.components.fused = [[e for e in layer if e.name not in names] for layer in self.components.fused]
 
+    def _load_rank(self, settings):
+        """Join the replica's group, load the whole model on the host, keep this rank's shards."""
+        rank, world = self.tensor_parallel
+        parallel.join_group(rank, world)
+        loaded = load_model(settings.model_copy(update={"device_map": "cpu"}))  # AutoTP moves the shards
+        loaded.model = parallel.shard_model(loaded.model, world)
+        return loaded
+
     def _attach_lora(self, model):
+        if self.tensor_parallel:  # DeepSpeed's shards cannot take PEFT adapters: forward hooks instead
+            self._lora = parallel.attach_sharded_edits(dict(m for mods in self.components.layers
+                                                            for group in mods.values() for m in group))
+            self.reset()
+            return model
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(
@@ -145,6 +165,7 @@ class Engine:
             "edited": self.edited_info(),
             "dtype": str(self.loaded.dtype).removeprefix("torch."),
             "device": str(self.model.device),
+            "tensor_parallel": self.tensor_parallel[1] if self.tensor_parallel else 1,
             "host": socket.gethostname(),
             "load_seconds": self.loaded.load_seconds,
             "response_prefix": self.response_prefix,
@@ -277,7 +298,10 @@ class Engine:
 
     def reset(self) -> None:
         for module in self._lora.values():
-            torch.nn.init.zeros_(module.lora_B["default"].weight)
+            if isinstance(module, parallel.ShardedEdit):
+                module.clear()
+            else:
+                torch.nn.init.zeros_(module.lora_B["default"].weight)
         experts.clear_edits(self.fused)  # the base expert weights were never written: bit-exact
 
     def _base_weight(self, name: str, module) -> torch.Tensor:
@@ -313,12 +337,19 @@ class Engine:
                     weights = [self._base_weight(name, self._lora[name]) for name in group]
                     weights = [x.view(x.shape[0], -1) for x in weights]
                     stacked = weights[0][None] if len(weights) == 1 else torch.stack(weights)
-                    a, b = lora_factors(stacked, v.to(stacked.device), w, mode, self.rank, self.seed)
+                    layout = getattr(self._lora[group[0]], "layout", None)  # a row-parallel shard's
+                    a, b = lora_factors(stacked, v.to(stacked.device), w, mode, self.rank, self.seed, layout)
                     for i, name in enumerate(group):
-                        module = self._lora[name]
-                        lora_a, lora_b = module.lora_A["default"].weight, module.lora_B["default"].weight
-                        lora_a.data = a[i].to(device=lora_a.device, dtype=lora_a.dtype).contiguous()
-                        lora_b.data = b[i].to(device=lora_b.device, dtype=lora_b.dtype).contiguous()
+                        self._write(name, a[i], b[i])
+
+    def _write(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        module = self._lora[name]
+        if isinstance(module, parallel.ShardedEdit):
+            module.set(a, b)
+            return
+        lora_a, lora_b = module.lora_A["default"].weight, module.lora_B["default"].weight
+        lora_a.data = a.to(device=lora_a.device, dtype=lora_a.dtype).contiguous()
+        lora_b.data = b.to(device=lora_b.device, dtype=lora_b.dtype).contiguous()
 
     def _apply_fused(self, layer_index: int, v: torch.Tensor, w: float) -> None:
         """The same per-expert factors a module-list expert's LoRA gets, kept beside the fused tensor."""
@@ -329,6 +360,8 @@ class Engine:
 
     def _same_shape_groups(self, modules: list[tuple[str, Any]], max_bytes: int = 256 << 20) -> list[list[str]]:
         """Module names grouped by shape and device, each group's float32 stack at most max_bytes."""
+        if self.tensor_parallel:
+            return [[name] for name, _ in modules]  # each shard's factors need the group's collectives
         groups: dict[tuple, list[str]] = {}
         for name, _ in modules:
             base = self._lora[name].base_layer
