@@ -44,6 +44,11 @@ def _parse_set(values: list[str]) -> dict[str, Any]:
     return overrides
 
 
+def gpus_value(text: str) -> float | str:
+    """--gpus-per-worker: a number or "auto"."""
+    return text if text == "auto" else float(text)
+
+
 def _settings(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Settings:
     from .config import load_settings
 
@@ -68,11 +73,15 @@ def load_prompt_sets(settings: Settings) -> dict[str, list[Prompt]]:
 def cmd_check(args: argparse.Namespace) -> int:
     from .engine.protocol import engine_class
 
-    settings = _settings(args)
+    settings = _settings(args, {"cluster.address": args.address})
     print(f"config: {args.config} is valid")
     sets = load_prompt_sets(settings)
     for name, prompts in sets.items():
         print(f"prompts: {name}: {len(prompts)} prompts")
+    if settings.cluster.gpus_per_worker == "auto":  # an impossible plan stops here, with one line
+        from .distributed.sizing import check_plan
+
+        print(f"replicas: {check_plan(settings, args.gpus, [p for s in sets.values() for p in s])}")
     if args.no_model:
         return 0
     engine = engine_class(settings.engine)(settings)
@@ -385,7 +394,7 @@ def _add_result_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--address", help="join this Ray cluster ('auto' for the local one); default: start one")
     p.add_argument("--workers", type=int, help="model workers (each loads the model once)")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs per worker")
-    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (fractions share a GPU)")
+    p.add_argument("--gpus-per-worker", type=gpus_value, help='GPUs per worker (fractions share a GPU; "auto")')
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting that changes no result, e.g. --set batch_size=8 (repeatable)")
 
@@ -417,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("check", cmd_check, "validate a config, its prompt sets and the model load")
     with_config(p)
     p.add_argument("--no-model", action="store_true", help="skip loading the model")
+    p.add_argument("--gpus", type=int, help='gpus_per_worker = "auto": plan for a node of N GPUs (default: this one)')
+    p.add_argument("--address", help='gpus_per_worker = "auto": plan for this running Ray cluster')
 
     p = add("evaluate", cmd_evaluate, "refusals and KL of the model, or of another model against it")
     with_config(p)
@@ -428,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="join this Ray cluster ('auto' for the local one); default: start one")
     p.add_argument("--workers", type=int, help="model workers (each loads the model once)")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs per worker")
-    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (fractions share a GPU)")
+    p.add_argument("--gpus-per-worker", type=gpus_value, help='GPUs per worker (fractions share a GPU; "auto")')
     p.add_argument("--shards-per-trial", type=int, help="workers per trial (prompt sharding)")
     p.add_argument("--n-trials", type=int, help="complete trials the study should reach")
     p.add_argument("--new-run", action="store_true",

@@ -197,8 +197,9 @@ def check_fit(models: list[ModelSpec], parallel: int, cpus: float, gpus: float) 
 
 
 def _per_worker(spec: ModelSpec, kind: str) -> float:
+    """What one worker (one replica: tensor_parallel ranks) takes; gpus_per_worker resolved before."""
     c = spec.settings.cluster
-    return c.cpus_per_worker if kind == "CPU" else c.gpus_per_worker
+    return (c.cpus_per_worker if kind == "CPU" else float(c.gpus_per_worker)) * c.tensor_parallel
 
 
 def _need(spec: ModelSpec, kind: str) -> float:

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Callable
 
@@ -85,6 +85,16 @@ def _cluster_for(models: list[ModelSpec], address: str | None) -> ClusterSetting
     })
 
 
+def _sized(spec: ModelSpec) -> ModelSpec:
+    """gpus_per_worker = "auto" resolved on the cluster, for the fit check (each child sizes its own)."""
+    from ..distributed.sizing import resolve_cluster
+
+    try:
+        return replace(spec, settings=resolve_cluster(spec.settings)[0])
+    except UserError as error:
+        raise UserError(f"models entry '{spec.name}': {error}") from None
+
+
 @drops_filesystems
 def run_batch(options: BatchOptions) -> int:
     """Run (or resume) a batch. Returns 0 when every model of the manifest is done, 1 otherwise."""
@@ -114,7 +124,7 @@ def run_batch(options: BatchOptions) -> int:
             import ray
 
             resources = ray.cluster_resources()
-            check_fit([specs[e["name"]] for e in todo], options.parallel_models, resources.get("CPU", 0.0),
+            check_fit([_sized(specs[e["name"]]) for e in todo], options.parallel_models, resources.get("CPU", 0.0),
                       resources.get("GPU", 0.0))
             address = ray.get_runtime_context().gcs_address
         batch.check_access(write=True)

@@ -74,8 +74,8 @@ def model_summary(batch: st.RunDir, entry: dict[str, Any]) -> dict[str, Any]:
         info = st.read_run_info(run)
         if info:
             row["n_trials"] = info.get("n_trials")
-            row["gpu_hours"] = (float(info.get("worker_seconds") or 0.0)
-                                * float(info.get("gpus_per_worker") or 0.0) / 3600)
+            row["gpu_hours"] = (float(info.get("worker_seconds") or 0.0) * float(info.get("gpus_per_worker") or 0.0)
+                                * float(info.get("tensor_parallel") or 1) / 3600)
     except (UserError, OSError, ValueError) as error:  # a summary never stops the batch
         row["summary_error"] = str(error).splitlines()[0] if str(error) else type(error).__name__
     return row

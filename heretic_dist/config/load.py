@@ -255,16 +255,25 @@ def _override_sub(data: dict[str, Any], dotted: str, parts: list[str], value: An
 
 
 def _accepts_str(ann: Any) -> bool:
+    """Any string at all (a Literal's words: `_literal_strings`)."""
     if ann is str:
         return True
-    return any(_accepts_str(a) for a in get_args(ann)) if get_origin(ann) in (Union, types.UnionType) else (
-        get_origin(ann) is Literal
-    )
+    return get_origin(ann) in (Union, types.UnionType) and any(_accepts_str(a) for a in get_args(ann))
+
+
+def _literal_strings(ann: Any) -> set[str]:
+    if get_origin(ann) is Literal:
+        return {a for a in get_args(ann) if isinstance(a, str)}
+    if get_origin(ann) in (Union, types.UnionType):
+        return set().union(*(_literal_strings(a) for a in get_args(ann)))
+    return set()
 
 
 def _parse_string_override(field: Any, value: Any) -> Any:
-    """A command-line string for a non-string setting ("10", "true", '["float32"]') is read as TOML."""
-    if not isinstance(value, str) or _accepts_str(field.annotation):
+    """A command-line string for a non-string setting ("10", "true", '["float32"]') is read as TOML;
+    for a number-or-word setting (gpus_per_worker: 0.5 or "auto") a word stays a string."""
+    ann = field.annotation
+    if not isinstance(value, str) or _accepts_str(ann) or get_origin(ann) is Literal or value in _literal_strings(ann):
         return value
     try:
         return tomllib.loads(f"v = {value}")["v"]

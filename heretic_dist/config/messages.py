@@ -108,6 +108,9 @@ def _expectation(field: Any) -> str | None:
         text = 'must be a list of string pairs, e.g. [["<think>", "<think></think>"]]'
     elif get_origin(ann) is dict:
         text = 'must be a table of strings, e.g. { "0" = "20GB", "cpu" = "64GB" }'
+    elif set(args) - {float} and all(a is float or get_origin(a) is Literal for a in args) and float in args:
+        words = " or ".join(f'"{w}"' for a in args if a is not float for w in get_args(a))
+        text = f"must be a number >= 0 or {words}"
     elif field is Settings.model_fields["device_map"]:
         text = 'must be a string (e.g. "auto", "cpu") or a table of module names to devices'
     else:

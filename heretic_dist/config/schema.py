@@ -38,7 +38,20 @@ class ClusterSettings(BaseModel):
     )
     workers: int = Field(default=2, ge=1, description="Number of ModelWorker actors (each loads the model once)")
     cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs reserved per worker")
-    gpus_per_worker: float = Field(default=0.0, ge=0, description="GPUs per worker (fractions share a GPU)")
+    gpus_per_worker: Union[float, Literal["auto"]] = Field(
+        default=0.0,
+        description='GPUs per worker (fractions share a GPU, > 1 spreads the model with device_map; "auto": '
+        "the fewest that hold the model, see gpu_memory_gib and memory_headroom)",
+    )
+    tensor_parallel: int = Field(
+        default=1, ge=1, description="Ranks per replica (DeepSpeed AutoTP; each rank is one Ray actor, one node)"
+    )
+    gpu_memory_gib: float | None = Field(
+        default=None, gt=0, description="Memory per GPU for gpus_per_worker = \"auto\" (unset: read from the cluster)"
+    )
+    memory_headroom: float = Field(
+        default=0.15, ge=0, lt=1, description="Share of each GPU kept free by automatic sizing (activations, CUDA)"
+    )
     shards_per_trial: int = Field(
         default=1, ge=1, description="Workers that split one trial's prompts (must divide workers)"
     )
@@ -49,6 +62,13 @@ class ClusterSettings(BaseModel):
     max_trial_attempts: int = Field(
         default=3, ge=1, description="Tries per trial when a worker dies mid-trial"
     )
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _gpus_not_negative(cls, value: float | str) -> float | str:
+        if value != "auto" and float(value) < 0:
+            raise ValueError('must be >= 0 or "auto"')
+        return value
 
     @model_validator(mode="after")
     def _shards_divide_workers(self) -> ClusterSettings:

@@ -26,6 +26,7 @@ from ..prompts import load_prompt_set, prompt_set_hash
 from ..search.front import mark_fronts, pareto_front, trial_rows
 from ..search.objectives import reduce_partials
 from .progress import Progress, TrialUpdate
+from .sizing import reserved, resolve_cluster
 
 if TYPE_CHECKING:
     from .pool import WorkerPool
@@ -193,6 +194,7 @@ class RunContext:
     digest: str = ""
     directions_cached: bool = False
     base: tuple[int, int, int] = (0, 0, 0)  # base refusals, bad prompts, good prompts
+    replica_plan: str = ""  # gpus_per_worker = "auto": what was chosen, in one line
 
     @property
     def resumed(self) -> bool:
@@ -233,15 +235,15 @@ def run(settings: Settings, options: RunOptions) -> RunOutcome:
             options.progress(f"archived the previous run {old.get('run_id')} under archive/")
             old = None
         ctx = RunContext(settings, options, run_dir, prompts, manifest, run_id, old, t0, lock=lock)
-        _write_run_info(ctx, {})  # status and report read n_trials from here while the run goes on
-        started_ray = start_ray(cluster, cluster.workers * cluster.cpus_per_worker,
-                                cluster.workers * cluster.gpus_per_worker)
+        started_ray = start_ray(cluster, *reserved(cluster))
         from ray.exceptions import RayTaskError
 
         from .broker import PoolError
         from .pool import cause_text
 
         try:
+            _size_replicas(ctx)
+            _write_run_info(ctx, {})  # status and report read n_trials from here while the run goes on
             return _run_with_ray(ctx)
         except RayTaskError as error:  # an engine error outside a trial (setup): one line, no traceback
             raise UserError(f"a model worker failed: {cause_text(error)}") from None
@@ -252,6 +254,17 @@ def run(settings: Settings, options: RunOptions) -> RunOutcome:
                 import ray
 
                 ray.shutdown()
+
+
+def _size_replicas(ctx: RunContext) -> None:
+    """gpus_per_worker = "auto": GPUs per worker from the model's size and the cluster (sizing.py)."""
+    settings = ctx.settings
+    evaluation = settings.evaluation.max_response_length if settings.evaluation.enabled else 0
+    prompts = [p for prompt_set in ctx.prompts.values() for p in prompt_set]
+    ctx.settings, plan = resolve_cluster(settings, prompts, max(settings.max_response_length, evaluation))
+    if plan is not None:
+        ctx.replica_plan = plan.line
+        ctx.say(f"replicas: {plan.line}")
 
 
 def _run_with_ray(ctx: RunContext) -> RunOutcome:
@@ -384,7 +397,10 @@ def _write_run_info(ctx: RunContext, stats: dict[str, Any], rows: list[dict[str,
     cluster = ctx.settings.cluster
     info = dict(old, started=old.get("started", _now()), updated=_now(), n_trials=ctx.settings.n_trials,
                 workers=cluster.workers, shards_per_trial=cluster.shards_per_trial,
-                cpus_per_worker=cluster.cpus_per_worker, gpus_per_worker=cluster.gpus_per_worker)
+                cpus_per_worker=cluster.cpus_per_worker, gpus_per_worker=cluster.gpus_per_worker,
+                tensor_parallel=cluster.tensor_parallel)
+    if ctx.replica_plan:
+        info["replica_plan"] = ctx.replica_plan
     import ray
 
     if ray.is_initialized():  # where this session's driver (and so every trial function) ran
@@ -395,7 +411,7 @@ def _write_run_info(ctx: RunContext, stats: dict[str, Any], rows: list[dict[str,
         info.update(
             wall_seconds=old.get("wall_seconds", 0.0) + time.perf_counter() - ctx.t0,
             worker_seconds=worker_seconds,
-            gpu_hours=worker_seconds * cluster.gpus_per_worker / 3600,
+            gpu_hours=worker_seconds * cluster.gpus_per_worker * cluster.tensor_parallel / 3600,
             loads_total=old.get("loads_total", 0) + stats.get("loads_total", 0),
             replacements=old.get("replacements", 0) + stats.get("replacements", 0),
             hosts=sorted({h for r in rows for h in (r.get("hosts") or []) if h}) or [socket.gethostname()])

@@ -215,11 +215,9 @@ def load_model(settings: Settings) -> LoadedModel:
     except (OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"cannot load model {settings.model}: {first}") from None
-    max_memory = (
-        {int(k) if str(k).isdigit() else k: v for k, v in settings.max_memory.items()}
-        if settings.max_memory
-        else None
-    )
+    from .sizing import placement_for
+
+    device_map, max_memory = placement_for(settings)  # over the GPUs Ray gave this worker
     errors = []
     for dtype in settings.dtypes:
         kwargs: dict[str, Any] = {}
@@ -230,7 +228,7 @@ def load_model(settings: Settings) -> LoadedModel:
             model = model_class.from_pretrained(
                 source,
                 dtype=dtype,
-                device_map=settings.device_map,
+                device_map=device_map,
                 max_memory=max_memory,
                 revision=revision,
                 trust_remote_code=trust,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from heretic_dist.errors import UserError
 
-from .types import EvaluationRequest, EvaluationResult, PartialResult, Prompt, Shard, TrialParams
+from .types import EvaluationRequest, EvaluationResult, MemoryNeed, PartialResult, Prompt, Shard, TrialParams
 
 if TYPE_CHECKING:  # the registry is imported by Tune trial processes and the driver: no torch there
     import torch
@@ -80,6 +80,19 @@ def engine_class(name: str) -> type[TrialEngine]:
         raise UserError(f"unknown engine {name!r}: choose one of {', '.join(engine_names())}")
     module_name, _, attr = path.partition(":")
     return getattr(importlib.import_module(module_name), attr)
+
+
+def memory_need(settings: Settings, prompt_tokens: int, response_tokens: int) -> MemoryNeed:
+    """GPU memory of one rank of a replica of the configured engine, without loading it (read on the
+    driver for gpus_per_worker = "auto"). An engine class may answer with its own classmethod
+    `memory_need(settings, prompt_tokens, response_tokens)`; else the model's config is sized
+    (engine/sizing.py: weights, KV cache, overhead)."""
+    own = getattr(engine_class(settings.engine), "memory_need", None)
+    if own is not None:
+        return own(settings, prompt_tokens, response_tokens)
+    from .sizing import memory_need_for
+
+    return memory_need_for(settings, prompt_tokens, response_tokens)
 
 
 def describe_edited(edited: dict[str, Any] | None) -> list[str]:

@@ -49,3 +49,22 @@ class EvaluationResult:
     perplexity: float | None = None  # exp(mean token NLL over all texts)
     timings: dict[str, float] = field(default_factory=dict)
     host: str = ""
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """Bytes one rank of a model replica needs on its GPUs (engine/sizing.py estimates them).
+
+    `weights`: the rank's share of the parameters at their load dtype; `kv_cache`: the KV cache of the
+    largest batch the engine runs; `overhead`: LoRA adapters and the CUDA context of the process.
+    Activations are what `cluster.memory_headroom` keeps free.
+    """
+
+    label: str  # e.g. "Qwen2.5-72B-Instruct bf16": the model and how it is loaded
+    weights: int
+    kv_cache: int
+    overhead: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.overhead

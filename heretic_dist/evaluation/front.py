@@ -83,6 +83,7 @@ def _plan(settings, evaluation, manifest, study, judge, trials, top) -> Evaluati
 def evaluate_front(options: EvaluateOptions) -> EvaluationOutcome:
     """evaluate-front: the run's candidates measured on a pool started for it (resumes by key)."""
     from ..distributed.driver import start_ray
+    from ..distributed.sizing import reserved, resolve_cluster
 
     t0 = time.perf_counter()
     run, manifest, study = open_run(options.run_dir)
@@ -100,11 +101,16 @@ def evaluate_front(options: EvaluateOptions) -> EvaluationOutcome:
                 say(f"note: {note}")
             evaluated: list[int] = []
             if any(c.trial not in writer.done() for c in plan.candidates):
-                cluster = settings.cluster
                 judge_cpus = evaluation.judge.num_cpus if evaluation.judge.name == "classifier" else 0
-                started = start_ray(cluster, cluster.workers * cluster.cpus_per_worker + judge_cpus,
-                                    cluster.workers * cluster.gpus_per_worker)
+                cpus, gpus = reserved(settings.cluster)
+                started = start_ray(settings.cluster, cpus + judge_cpus, gpus)
                 try:
+                    request = plan.request
+                    settings, replicas = resolve_cluster(
+                        settings, request.harmful + request.over_refusal + request.damage,
+                        max(settings.max_response_length, evaluation.max_response_length))
+                    if replicas is not None:
+                        say(f"replicas: {replicas.line}")
                     judge.start()  # a classifier judge loads its model in its actor now, not mid-evaluation
                     evaluated = _with_pool(settings, run, plan, judge, writer, say)
                 finally:

@@ -121,6 +121,7 @@ def _work(run: RunData) -> dict[str, Any]:
     if seconds is None:
         seconds = sum(t.duration_s or 0.0 for t in run.trials) or None
     gpus = finite(info.get("gpus_per_worker"))
+    gpus = gpus * (finite(info.get("tensor_parallel")) or 1.0) if gpus else gpus  # per replica
     durations = sorted(t.duration_s for t in run.complete if t.duration_s is not None)
     return {
         "worker_seconds": seconds,

@@ -72,6 +72,7 @@ def _key(**parts: Any) -> str:
 
 def research(settings: Settings, options: ResearchOptions) -> ResearchOutcome:
     from ..distributed.driver import load_prompts, start_ray
+    from ..distributed.sizing import reserved, resolve_cluster
 
     if options.plots:
         require_extra()  # before any expensive work
@@ -96,12 +97,14 @@ def research(settings: Settings, options: ResearchOptions) -> ResearchOutcome:
                     bad=prompt_set_hash(prompts["bad_evaluation_prompts"]), residuals=expected,
                     directions=manifest.get("directions_sha256"), settings=settings.result_affecting())
     sweep_cached = options.sweep and state.get("sweep_key") == eval_key and run.exists(SWEEP)
-    cluster = settings.cluster
-    started = start_ray(cluster, cluster.workers * cluster.cpus_per_worker, cluster.workers * cluster.gpus_per_worker)
+    started = start_ray(settings.cluster, *reserved(settings.cluster))
     try:
         if stored is None or (options.sweep and not sweep_cached):
+            sized, replicas = resolve_cluster(settings, [p for ps in prompts.values() for p in ps])
+            if replicas is not None:
+                say(f"research: replicas: {replicas.line}")
             pool_options = replace(options, sweep=options.sweep and not sweep_cached)
-            stored = _with_pool(settings, pool_options, run, prompts, expected, prefix, stored, eval_key, state, out)
+            stored = _with_pool(sized, pool_options, run, prompts, expected, prefix, stored, eval_key, state, out)
         else:
             say("research: residuals loaded from the run directory (not recaptured)")
         if sweep_cached:

@@ -18,7 +18,9 @@ Knobs (keys of a plain dict, or of `engine_options` in the settings: `engine = "
   fake_nonfinite (False: when true every edited trial returns a NaN KL sum, and evaluate a NaN KL),
   fake_fail_load (False: when true the constructor raises, like a model that cannot load),
   fake_fail_models ([]: `model` values whose load fails like fake_fail_load; lets one [defaults] table
-  of a batch manifest make one model of several fail).
+  of a batch manifest make one model of several fail),
+  fake_memory_gib (1.0: the GPU memory of one replica that gpus_per_worker = "auto" sizes for).
+info() reports the GPUs the worker was given ("gpu_ids", from CUDA_VISIBLE_DEVICES, which Ray sets).
 """
 
 from __future__ import annotations
@@ -30,12 +32,12 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
-import torch
+from heretic_dist.engine.types import (COMPONENTS, EvaluationRequest, EvaluationResult, MemoryNeed, PartialResult,
+                                      Prompt, Shard, TrialParams)
 
-from heretic_dist.engine.types import (COMPONENTS, EvaluationRequest, EvaluationResult, PartialResult, Prompt, Shard,
-                                      TrialParams)
+if TYPE_CHECKING:  # torch is imported where a method needs it: a pool of fake workers starts faster
+    import torch
 
-if TYPE_CHECKING:
     from heretic_dist.config import Settings
 
 
@@ -68,6 +70,13 @@ class FakeEngine:
     @classmethod
     def model_identity(cls, settings: Settings) -> dict[str, str]:
         return {"model": str(_get(settings, "model", "fake"))}
+
+    @classmethod
+    def memory_need(cls, settings: Settings, prompt_tokens: int, response_tokens: int) -> MemoryNeed:
+        """`fake_memory_gib` per replica, split over its tensor-parallel ranks."""
+        ranks = max(1, int(getattr(getattr(settings, "cluster", None), "tensor_parallel", 1)))
+        total = float(_get(settings, "fake_memory_gib", 1.0)) * 1024**3
+        return MemoryNeed(f"{_get(settings, 'model', 'fake')} (fake)", int(total / ranks), 0, 0)
 
     def __init__(self, settings: Settings | dict[str, Any] | None = None):
         start = time.perf_counter()
@@ -108,6 +117,7 @@ class FakeEngine:
             "device": "cpu",
             "load_seconds": self.load_seconds,
             "pid": os.getpid(),
+            "gpu_ids": [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()],
         }
 
     def responses(self, prompts: list[Prompt], skip_special_tokens: bool = False) -> list[str]:
@@ -121,6 +131,8 @@ class FakeEngine:
         self.prefix = prefix
 
     def residual_sums(self, prompts: list[Prompt]) -> tuple[torch.Tensor, int]:
+        import torch
+
         total = torch.zeros(self.n_layers + 2, self.hidden_size, dtype=torch.float64)
         for p in prompts:
             gen = torch.Generator().manual_seed(_seed(f"{p.system}\x00{p.user}\x00{self.prefix}"))
@@ -130,6 +142,8 @@ class FakeEngine:
 
     def residuals(self, prompts: list[Prompt]) -> torch.Tensor:
         """The per-prompt vectors whose float64 sum residual_sums returns, as float32 (n, L+2, d)."""
+        import torch
+
         rows = []
         for p in prompts:
             gen = torch.Generator().manual_seed(_seed(f"{p.system}\x00{p.user}\x00{self.prefix}"))
