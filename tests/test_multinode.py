@@ -62,11 +62,12 @@ class LocalCluster:
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
         self.wait_for_nodes(len(self.procs) - self.killed)
 
-    def start_head(self, cpus: int = 1) -> None:
-        self._start("--head", "--port", str(self.port), "--num-cpus", str(cpus), "--include-dashboard=false")
+    def start_head(self, cpus: int = 1, gpus: int = 0) -> None:
+        self._start("--head", "--port", str(self.port), "--num-cpus", str(cpus), "--num-gpus", str(gpus),
+                    "--include-dashboard=false")
 
-    def add_node(self, cpus: int = 1) -> None:
-        self._start("--address", self.address, "--num-cpus", str(cpus))
+    def add_node(self, cpus: int = 1, gpus: int = 0) -> None:
+        self._start("--address", self.address, "--num-cpus", str(cpus), "--num-gpus", str(gpus))
 
     def kill_node(self, index: int) -> None:
         """SIGKILL of that node's raylet: what a vanished spot instance looks like to the cluster."""

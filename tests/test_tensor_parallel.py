@@ -3,8 +3,10 @@ shards; the same trial results as one process; a lost rank takes the whole repli
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -138,3 +140,139 @@ def _alive(pid: int) -> bool:
     except psutil.NoSuchProcess:
         return False
 
+
+
+def test_lost_rank_in_a_search_retries_the_trial_and_tells_it_once(cluster, tmp_path):
+    """The whole search path (Tune, the searcher, the pool) with FakeEngine ranks: a peer rank killed
+    mid-trial costs a retry inside the trial, never a FAILed or twice-told trial."""
+    import optuna
+    from test_search import N_LAYERS, finishing_tells
+
+    from heretic_dist.config import Settings
+    from heretic_dist.distributed.tune import SearchSpec, run_search
+    from heretic_dist.search.study import open_study
+
+    settings = Settings(model="fake-tp", engine="fake", engine_options={"fake_trial_seconds": 0.5},
+                        cluster={"workers": 1, "tensor_parallel": 2})
+    with WorkerPool("fake", settings, n_workers=1, cpus_per_worker=1.0) as pool:
+        pool.set_directions(torch.randn(N_LAYERS + 2, 16))
+        kills: list[int] = []
+
+        def killer() -> None:
+            while len(kills) < 1:
+                time.sleep(0.25)  # inside a 0.5 s trial more often than not; a kill between trials counts too
+                with contextlib.suppress(Exception):
+                    (health,) = pool.health()
+                    if health["worker_id"] != f"w{len(kills)}" or not health["peer_pids"]:
+                        continue
+                    os.kill(health["peer_pids"][0], signal.SIGKILL)
+                    kills.append(health["peer_pids"][0])
+
+        thread = threading.Thread(target=killer, daemon=True)
+        thread.start()
+        spec = SearchSpec(n_trials=6, n_startup_trials=4, seed=3, workers=1, shards=1, max_attempts=3,
+                          lease_timeout_s=120)
+        summary = run_search(pool, spec, tmp_path / "study.journal", "study", base_refusals=20, n_layers=N_LAYERS,
+                             components=None, tune_dir=str(tmp_path / "tune"))
+        thread.join(timeout=60)
+        trials = open_study(tmp_path / "study.journal", "study").get_trials()
+        assert len(kills) == 1
+        assert summary.complete == 6 and summary.failed == 0
+        assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+        assert set(finishing_tells(tmp_path / "study.journal").values()) == {1}
+        assert sum(t.user_attrs["attempts"] > 1 for t in trials) >= 1
+        stats = pool.stats()
+        assert stats["replacements"] == 1 and stats["loads"] == {"w0": 1, "w1": 1}
+
+
+@pytest.mark.slow
+def test_run_with_one_two_rank_replica_on_smollm2(tmp_path):
+    """`heretic-dist run` with tensor_parallel = 2 on a real chat model, on this 2-core machine."""
+    import json
+    import subprocess
+
+    from test_gguf import smollm2_gguf
+
+    from heretic_dist import rundir as st
+
+    config = tmp_path / "tp.toml"
+    config.write_text(f"""
+model = "{smollm2_gguf()}"
+dtypes = ["float32"]
+max_response_length = 6
+batch_size = 8
+n_trials = 3
+n_startup_trials = 2
+seed = 5
+refusal_markers = ["sorry", "i can", "harm"]
+good_prompts = {{ dataset = "builtin:demo_harmless", split = "[:6]" }}
+bad_prompts = {{ dataset = "builtin:demo_harmful", split = "[:6]" }}
+good_evaluation_prompts = {{ dataset = "builtin:demo_harmless", split = "[6:12]" }}
+bad_evaluation_prompts = {{ dataset = "builtin:demo_harmful", split = "[6:12]" }}
+[cluster]
+workers = 1
+tensor_parallel = 2
+object_store_memory_mb = 100
+""")
+    run_dir = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "heretic_dist", "run", str(config), "--run-dir", str(run_dir)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "1 workers x 2 tensor-parallel ranks x 1.0 CPU" in done.stdout
+    assert "1 model loads (0 replacements)" in done.stdout, done.stdout[-2000:]
+    trials = st.RunDir(str(run_dir)).read_parquet(st.TRIALS)
+    assert len(trials) == 3 and all(t["state"] == "COMPLETE" for t in trials)
+    assert json.loads((run_dir / "run_info.json").read_text())["tensor_parallel"] == 2
+
+
+PLACEMENT_PROBE = """
+import json, ray
+from heretic_dist.config import Settings
+from heretic_dist.distributed.pool import WorkerPool
+ray.init(address=ADDRESS, log_to_driver=False)
+settings = Settings(model="fake-tp", engine="fake", cluster={"workers": 2, "tensor_parallel": 2, "gpus_per_worker": 1})
+with WorkerPool("fake", settings, n_workers=2, cpus_per_worker=1.0, gpus_per_worker=1.0) as pool:
+    replicas = ray.get(pool.broker.rank_handles.remote())
+    out = {w: [{"node": h["node_id"], "gpus": i["gpu_ids"]}
+               for h, i in zip(ray.get([r.health.remote() for r in ranks]), ray.get([r.info.remote() for r in ranks]))]
+           for w, ranks in replicas.items()}
+print("PLACEMENT " + json.dumps(out))
+from heretic_dist.distributed.pool import WorkerStartError
+three = settings.model_copy(update={"cluster": settings.cluster.model_copy(update={"tensor_parallel": 3})})
+try:
+    WorkerPool("fake", three, n_workers=1, cpus_per_worker=0.5, gpus_per_worker=1.0)
+except WorkerStartError as exc:  # 3 GPUs in the cluster's total, but no node has 3
+    print("REFUSED " + str(exc))
+"""
+
+
+@pytest.mark.slow
+def test_both_ranks_of_a_replica_are_placed_on_one_node():
+    """Two nodes of 2 CPUs and 2 fake GPUs: a 2-rank replica (1 GPU per rank) fits each node only whole.
+    STRICT_PACK puts each replica's ranks on one node, each rank on its own GPU."""
+    import json
+    import subprocess
+
+    from test_multinode import LocalCluster
+
+    nodes = LocalCluster()
+    try:
+        nodes.start_head(cpus=2, gpus=2)
+        nodes.add_node(cpus=2, gpus=2)
+        code = PLACEMENT_PROBE.replace("ADDRESS", repr(nodes.address))
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=nodes.env, timeout=180)
+        assert done.returncode == 0, done.stderr[-2000:]
+        (line,) = [x for x in done.stdout.splitlines() if x.startswith("PLACEMENT ")]
+        placement = json.loads(line.removeprefix("PLACEMENT "))
+        (refused,) = [x for x in done.stdout.splitlines() if x.startswith("REFUSED ")]
+    finally:
+        nodes.stop()
+    assert sorted(placement) == ["w0", "w1"]
+    replica_nodes = []
+    for ranks in placement.values():
+        assert len(ranks) == 2
+        assert ranks[0]["node"] == ranks[1]["node"]  # one node per replica
+        assert len(ranks[0]["gpus"]) == len(ranks[1]["gpus"]) == 1 and ranks[0]["gpus"] != ranks[1]["gpus"]
+        replica_nodes.append(ranks[0]["node"])
+    assert len(set(replica_nodes)) == 2  # and the two replicas on the two nodes
+    assert "no node of the cluster holds one replica of 3 ranks x (0.5 CPU, 1 GPU): the largest holds 2" in refused

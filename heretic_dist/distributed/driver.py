@@ -272,7 +272,9 @@ def _run_with_ray(ctx: RunContext) -> RunOutcome:
 
     cluster = ctx.settings.cluster
     ctx.say(f"run {ctx.run_id} in {ctx.run_dir.uri} ({'resuming' if ctx.resumed else 'new'}); "
-            f"{cluster.workers} workers x {cluster.cpus_per_worker} CPU"
+            f"{cluster.workers} workers x "
+            + (f"{cluster.tensor_parallel} tensor-parallel ranks x " if cluster.tensor_parallel > 1 else "")
+            + f"{cluster.cpus_per_worker} CPU"
             + (f" x {cluster.gpus_per_worker} GPU" if cluster.gpus_per_worker else ""))
     ctx.pool = WorkerPool(ctx.settings.engine, ctx.settings, cluster.workers, cluster.cpus_per_worker,
                           cluster.gpus_per_worker)

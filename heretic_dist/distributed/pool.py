@@ -125,6 +125,8 @@ class WorkerPool:
         ranks = int(getattr(getattr(settings, "cluster", None), "tensor_parallel", 1) or 1)
         if check_resources:  # a tensor-parallel replica takes its per-worker resources once per rank
             _check_resources(n_workers * ranks, cpus_per_worker, gpus_per_worker, resources or {})
+            if ranks > 1 or gpus_per_worker > 1:
+                _check_one_node_holds_a_replica(ranks, cpus_per_worker, gpus_per_worker, resources or {})
         if ranks > 1 and scheduling_strategy:
             raise WorkerStartError("tensor_parallel > 1 places each replica in its own placement group: "
                                    "it cannot take a scheduling strategy")
@@ -352,4 +354,20 @@ def _check_resources(n: int, cpus: float, gpus: float, resources: dict[str, floa
         raise WorkerStartError(
             f"the cluster cannot hold {n} model workers ({'; '.join(missing)}); "
             "lower cluster.workers or the per-worker resources"
+        )
+
+
+def _check_one_node_holds_a_replica(ranks: int, cpus: float, gpus: float, resources: dict[str, float]) -> None:
+    """All ranks of a replica (and all GPUs of one worker) sit on one node: fail fast when no node can."""
+    need = {k: v for k, v in {"CPU": cpus, "GPU": gpus, **resources}.items() if v > 0}
+    best = 0
+    for node in ray.nodes():
+        if node.get("Alive"):
+            have = node.get("Resources", {})
+            best = max(best, min(int(have.get(k, 0) / v + 1e-9) for k, v in need.items()) if need else ranks)
+    if best < ranks:
+        shape = ", ".join(f"{v:g} {k}" for k, v in need.items())
+        raise WorkerStartError(
+            f"no node of the cluster holds one replica of {ranks} ranks x ({shape}): the largest holds {best} "
+            "ranks; use nodes with more GPUs/CPUs, or lower cluster.tensor_parallel or the per-worker resources"
         )

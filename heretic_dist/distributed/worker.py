@@ -120,6 +120,7 @@ class ModelWorker:
             "load_seconds": self.load_seconds,
             "loads": self.loads,
             "trials_run": self.trials_run,
+            "node_id": ray.get_runtime_context().get_node_id(),
             "rank": self.rank,
             "ranks": self.world_size,
             "peer_pids": list(self._peer_pids),
