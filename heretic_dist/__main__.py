@@ -29,9 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         if not _die_with_parent(int(args[1])):
             return 1
         args = args[2:]
-    from heretic_dist.cli import main as cli_main
+    from heretic_dist.cli import leave_process, main as cli_main
 
-    return cli_main(args)
+    return leave_process(cli_main(args))
 
 
 if __name__ == "__main__":

@@ -480,11 +480,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("heretic-dist: interrupted; run the same command again to resume", file=sys.stderr)
         code = 130
+    return code
+
+
+def leave_process(code: int) -> int:
+    """For the process entry point only (never inside main(): a test or a library calling main() in its
+    own process would be ended). pyarrow's S3 client can abort the interpreter at exit (exit 134)
+    after Parquet reads; everything is written and flushed by now, so leave without teardown."""
     from . import rundir as storage
 
     if storage.s3_used():
-        # pyarrow's S3 client can abort the interpreter at exit (exit 134) after Parquet reads;
-        # everything is written and flushed by now, so leave without interpreter teardown.
         sys.stdout.flush()
         sys.stderr.flush()
         logging.shutdown()
@@ -493,4 +498,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(leave_process(main()))

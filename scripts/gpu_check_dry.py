@@ -103,6 +103,10 @@ def imported_distributions() -> dict[str, list[str]]:
                 found.setdefault(normalize(d), set()).add(name)
             continue
         file = getattr(module, "__file__", None) or ""
+        owner = _site_packages_owner(file, by_module)
+        if owner:  # an extension module registered under a short name (scipy's Cython helpers, ...)
+            found.setdefault(normalize(owner), set()).add(name)
+            continue
         kind = ("stdlib" if name in sys.stdlib_module_names or name in sys.builtin_module_names
                 else "no file" if not file  # built-in or made at run time (cython_runtime, ...)
                 else "repository" if Path(file).resolve().is_relative_to(REPO)
@@ -110,6 +114,19 @@ def imported_distributions() -> dict[str, list[str]]:
                 else "unknown")
         found.setdefault(kind, set()).add(name)
     return {k: sorted(v) for k, v in sorted(found.items())}
+
+
+def _site_packages_owner(file: str, by_module: dict[str, list[str]]) -> str | None:
+    """The distribution whose folder in site-packages holds `file` ("heretic-dist" for the editable
+    install's finder module), or None."""
+    parts = Path(file).parts
+    if "site-packages" not in parts:
+        return None
+    top = parts[parts.index("site-packages") + 1] if len(parts) > parts.index("site-packages") + 1 else ""
+    if top.startswith("__editable__") and "heretic_dist" in top:
+        return "heretic-dist"
+    dists = by_module.get(top.split(".")[0].removesuffix(".py"))
+    return dists[0] if dists else None
 
 
 def dry(args: dict) -> dict:

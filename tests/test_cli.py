@@ -100,3 +100,16 @@ def test_what_rays_error_thread_prints_becomes_one_line_each():
     assert lines == ["(ray) a node's raylet ended unexpectedly: that node is lost (its workers are replaced)",
                      "(ray) node 726606e6f372 (192.0.2.2) was marked dead: the detector has missed too many heartbeats from it",
                      "[3/16] trial 2: refusals 5/10"]
+
+
+def test_main_called_in_process_returns_even_after_s3_was_used(tmp_path, monkeypatch):
+    """The no-teardown exit after S3 use belongs to the process entry point: main() called by a test or
+    a library (here after an S3 filesystem was made in this process) returns its code. It used to end
+    the whole calling process with os._exit (a CI run stopped half-way, exit 0)."""
+    from heretic_dist import rundir
+    from heretic_dist.cli import main
+    from heretic_dist.rundir import filesystem
+
+    monkeypatch.setattr(filesystem, "_S3_USED", True)
+    assert rundir.s3_used()
+    assert main(["check", str(tmp_path / "missing.toml"), "--no-model"]) == 2

@@ -45,7 +45,7 @@ def llama(tmp_path_factory):
 
 
 def tp_settings(folder, mode: str, **overrides):
-    return make_settings(folder, row_normalization=mode, refusal_markers=["e"],
+    return make_settings(folder, row_normalization=mode, refusal_markers=["read"],
                          cluster={"workers": 1, "tensor_parallel": 2}, **overrides)
 
 
@@ -81,6 +81,7 @@ def test_two_ranks_give_the_one_process_results(cluster, llama, mode):
             (two,) = pool.run_sharded("run_trial", [(params, Shard())]).results
             one = local.run_trial(params, Shard())
             assert two.refusals == one.refusals
+            assert 0 < one.refusals < len(BAD)  # a count that can differ, not all or nothing
             assert two.kl_sum == pytest.approx(one.kl_sum, rel=1e-4)
             assert one.kl_sum > 1e-3  # the edit does something
             # the edit of each shard, not only the scores: the same greedy replies token by token
