@@ -29,9 +29,26 @@ def main(argv: list[str] | None = None) -> int:
         if not _die_with_parent(int(args[1])):
             return 1
         args = args[2:]
-    from heretic_dist.cli import leave_process, main as cli_main
+    from heretic_dist.cli import main as cli_main
 
     return leave_process(cli_main(args))
+
+
+def leave_process(code: int) -> int:
+    """The process's exit, here and not in cli.main(): a caller of main() in its own process (a test, a
+    library) must not be ended. After S3 use, pyarrow's S3 client can abort the interpreter at exit
+    (exit 134) after Parquet reads; everything is written and flushed by now: leave without teardown."""
+    from heretic_dist import rundir as storage
+
+    if storage.s3_used():
+        import logging
+        import os
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -483,19 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def leave_process(code: int) -> int:
-    """For the process entry point only (never inside main(): a test or a library calling main() in its
-    own process would be ended). pyarrow's S3 client can abort the interpreter at exit (exit 134)
-    after Parquet reads; everything is written and flushed by now, so leave without teardown."""
-    from . import rundir as storage
-
-    if storage.s3_used():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        logging.shutdown()
-        os._exit(code)
-    return code
-
 
 if __name__ == "__main__":
-    sys.exit(leave_process(main()))
+    from heretic_dist.__main__ import main as entry_point
+
+    sys.exit(entry_point())

@@ -88,6 +88,8 @@ workers = {workers}
 cpus_per_worker = 1
 shards_per_trial = {shards}
 object_store_memory_mb = 100
+[engine_options]
+fake_trial_seconds = {trial_seconds}
 """
 
 
@@ -134,7 +136,7 @@ def run_driver(args, run_root: Path):
 
     cfg = run_root / "bench.toml"
     cfg.write_text(CONFIG.format(trials=args.trials, startup=args.startup, workers=args.workers,
-                                 shards=args.shards))
+                                 shards=args.shards, trial_seconds=args.trial_seconds))
     settings = load_settings(cfg)
     stamps = Stamps()
     searchers = []
@@ -374,6 +376,9 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--shards", type=int, default=1, help="shards per trial (K); P = workers / K in flight")
     p.add_argument("--startup", type=int, default=60, help="TPE start-up trials (production: 60)")
+    p.add_argument("--trial-seconds", type=float, default=0.0,
+                   help="engine time per trial (FakeEngine sleep; subtracted like any engine time). 0: the "
+                        "driver saturated by zero-cost trials; a few seconds: slots that overlap as in a real run")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--profile", metavar="FILE", help="cProfile the driver; stats into FILE (and a summary printed)")
     p.add_argument("--max-load", type=float, default=1.5)
@@ -408,8 +413,8 @@ def main() -> int:
                f"p99 {summary['total_p99']:.1f} ms (p50s: in-function {summary['in_fn_p50']:.1f}, controller "
                f"{summary['ctrl_p50']:.1f}, of which searcher.suggest {summary['ask_p50']:.1f}); "
                f"TOTAL without the suggest: p50 {summary['total_no_ask_p50']:.1f} ms")
-    header = [f"{args.trials} trials, FakeEngine, {args.workers} workers x 1 CPU, K = {args.shards} "
-              f"shard(s) per trial, {args.startup} TPE start-up trials",
+    header = [f"{args.trials} trials, FakeEngine ({args.trial_seconds:g} s of engine time per trial), "
+              f"{args.workers} workers x 1 CPU, K = {args.shards} shard(s) per trial, {args.startup} TPE start-up trials",
               f"env: {' '.join(args.env) or '(defaults)'}",
               f"before: {load_text_before}{'' if quiet else ' (NOT quiet: waited the maximum)'}; "
               f"after: {load_text_after}"]
@@ -423,7 +428,8 @@ def main() -> int:
         print(f"profile written to {args.profile}", file=sys.stderr)
     if args.record:
         body = "\n".join([
-            "## Driver overhead per trial (zero-cost FakeEngine)",
+            "## Driver overhead per trial (FakeEngine"
+            + (f", {args.trial_seconds:g} s per trial)" if args.trial_seconds else ", zero-cost trials)"),
             "",
             "What: the real search path (`driver.run`: Ray Tune + StudySearch on a JournalStorage study + "
             "WorkerPool) with the model-free FakeEngine, so all time per trial is the machinery's. "
@@ -441,7 +447,9 @@ def main() -> int:
             text,
             "```",
         ])
-        bd.write_section("bench_overhead", body)
+        # zero-cost trials and trials with engine time are different questions: one section each
+        section = "bench_overhead" + (f"_{args.trial_seconds:g}s".replace(".", "_") if args.trial_seconds else "")
+        bd.write_section(section, body)
     return 0
 
 

@@ -91,36 +91,55 @@ def test_two_ranks_give_the_one_process_results(cluster, llama, mode):
         assert two.kl_sum == pytest.approx(0.0, abs=1e-6)  # reset between trials leaves no edit behind
 
 
-def _kill_peer_mid_trial(pool: WorkerPool, started: threading.Event, delay_s: float) -> None:
-    started.wait(60)
-    time.sleep(delay_s)
-    (health,) = pool.health()
-    os.kill(health["peer_pids"][0], signal.SIGKILL)
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
-def test_lost_rank_mid_trial_replaces_the_whole_replica(cluster, llama):
-    settings = tp_settings(llama, "full", max_response_length=48)
+def test_lost_rank_mid_trial_in_a_search_replaces_the_whole_replica(cluster, llama, tmp_path):
+    """The whole search path (Tune, the searcher, the pool) on a real 2-rank replica: a peer rank killed
+    mid-trial (rank 0 in a real gloo collective) costs a retry inside that trial, never a FAILed or
+    twice-told trial; the replica comes back whole (both ranks new processes, the old ones gone)."""
+    import optuna
+    from test_search import finishing_tells
+
+    from heretic_dist.distributed.tune import SearchSpec, run_search
+    from heretic_dist.search.study import open_study
+
+    settings = tp_settings(llama, "full", max_response_length=32)
     with WorkerPool("hf", settings, n_workers=1, cpus_per_worker=1.0) as pool:
         pool.set_directions(directions(pool))
         pool.set_eval_prompts(LONG_GOOD, BAD)
-        params = trial_params(1.2)
-        t0 = time.monotonic()
-        reference = pool.run_sharded("run_trial", [(params, Shard())])
-        trial_s = time.monotonic() - t0
         (old,) = pool.health()
         old_pids = {old["pid"], *old["peer_pids"]}
 
-        started = threading.Event()
-        killer = threading.Thread(target=_kill_peer_mid_trial, args=(pool, started, min(1.0, trial_s / 3)))
-        killer.start()
-        started.set()
-        run = pool.run_sharded("run_trial", [(params, Shard())], lease_timeout_s=180)
-        killer.join()
-        assert run.attempts == [2] and len(run.losses) == 1
-        assert run.worker_ids == ["w1"]  # served by the replacement replica
-        (a,), (b,) = run.results, reference.results
-        assert (a.refusals, a.bad_scored, a.good_scored) == (b.refusals, b.bad_scored, b.good_scored)
-        assert a.kl_sum == pytest.approx(b.kl_sum, rel=1e-6)
+        def killer() -> None:  # once trial 1 runs: mid-trial (a trial takes ~1 s here)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                with contextlib.suppress(Exception):
+                    (health,) = pool.health()
+                    if health["trials_run"] >= 1 and pool.stats()["leased"]:
+                        time.sleep(0.2)
+                        os.kill(old["peer_pids"][0], signal.SIGKILL)
+                        return
+                time.sleep(0.05)
+
+        thread = threading.Thread(target=killer, daemon=True)
+        thread.start()
+        spec = SearchSpec(n_trials=4, n_startup_trials=4, seed=3, workers=1, shards=1, max_attempts=3,
+                          lease_timeout_s=180)
+        summary = run_search(pool, spec, tmp_path / "study.journal", "study", base_refusals=len(BAD), n_layers=4,
+                             components=None, tune_dir=str(tmp_path / "tune"))
+        thread.join(timeout=60)
+        trials = open_study(tmp_path / "study.journal", "study").get_trials()
+        assert summary.complete == 4 and summary.failed == 0
+        assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+        assert set(finishing_tells(tmp_path / "study.journal").values()) == {1}
+        (retried,) = [t for t in trials if t.user_attrs["attempts"] > 1]
         stats = pool.stats()
         assert stats["replacements"] == 1 and stats["loads"] == {"w0": 1, "w1": 1}  # one load per replica
         (new,) = pool.health()
@@ -131,59 +150,10 @@ def test_lost_rank_mid_trial_replaces_the_whole_replica(cluster, llama):
             while _alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.2)
             assert not _alive(pid), f"process {pid} of the lost replica is still running"
-
-
-def _alive(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-
-def test_lost_rank_in_a_search_retries_the_trial_and_tells_it_once(cluster, tmp_path):
-    """The whole search path (Tune, the searcher, the pool) with FakeEngine ranks: a peer rank killed
-    mid-trial costs a retry inside the trial, never a FAILed or twice-told trial."""
-    import optuna
-    from test_search import N_LAYERS, finishing_tells
-
-    from heretic_dist.config import Settings
-    from heretic_dist.distributed.tune import SearchSpec, run_search
-    from heretic_dist.search.study import open_study
-
-    settings = Settings(model="fake-tp", engine="fake", engine_options={"fake_trial_seconds": 0.5},
-                        cluster={"workers": 1, "tensor_parallel": 2})
-    with WorkerPool("fake", settings, n_workers=1, cpus_per_worker=1.0) as pool:
-        pool.set_directions(torch.randn(N_LAYERS + 2, 16))
-        kills: list[int] = []
-
-        def killer() -> None:
-            while len(kills) < 1:
-                time.sleep(0.25)  # inside a 0.5 s trial more often than not; a kill between trials counts too
-                with contextlib.suppress(Exception):
-                    (health,) = pool.health()
-                    if health["worker_id"] != f"w{len(kills)}" or not health["peer_pids"]:
-                        continue
-                    os.kill(health["peer_pids"][0], signal.SIGKILL)
-                    kills.append(health["peer_pids"][0])
-
-        thread = threading.Thread(target=killer, daemon=True)
-        thread.start()
-        spec = SearchSpec(n_trials=6, n_startup_trials=4, seed=3, workers=1, shards=1, max_attempts=3,
-                          lease_timeout_s=120)
-        summary = run_search(pool, spec, tmp_path / "study.journal", "study", base_refusals=20, n_layers=N_LAYERS,
-                             components=None, tune_dir=str(tmp_path / "tune"))
-        thread.join(timeout=60)
-        trials = open_study(tmp_path / "study.journal", "study").get_trials()
-        assert len(kills) == 1
-        assert summary.complete == 6 and summary.failed == 0
-        assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
-        assert set(finishing_tells(tmp_path / "study.journal").values()) == {1}
-        assert sum(t.user_attrs["attempts"] > 1 for t in trials) >= 1
-        stats = pool.stats()
-        assert stats["replacements"] == 1 and stats["loads"] == {"w0": 1, "w1": 1}
+        # the retried trial's scores are what the replacement gives for its parameters
+        (again,) = pool.run_sharded("run_trial", [(retried.user_attrs["params"], Shard())]).results
+        assert again.refusals == retried.user_attrs["refusals"]
+        assert again.kl_sum / again.good_scored == pytest.approx(retried.user_attrs["kl"], rel=1e-6)
 
 
 @pytest.mark.slow
@@ -200,16 +170,17 @@ def test_run_with_one_two_rank_replica_on_smollm2(tmp_path):
     config.write_text(f"""
 model = "{smollm2_gguf()}"
 dtypes = ["float32"]
-max_response_length = 6
+max_response_length = 4
 batch_size = 8
-n_trials = 3
+n_trials = 2
 n_startup_trials = 2
 seed = 5
+response_prefix = ""
 refusal_markers = ["sorry", "i can", "harm"]
-good_prompts = {{ dataset = "builtin:demo_harmless", split = "[:6]" }}
-bad_prompts = {{ dataset = "builtin:demo_harmful", split = "[:6]" }}
-good_evaluation_prompts = {{ dataset = "builtin:demo_harmless", split = "[6:12]" }}
-bad_evaluation_prompts = {{ dataset = "builtin:demo_harmful", split = "[6:12]" }}
+good_prompts = {{ dataset = "builtin:demo_harmless", split = "[:4]" }}
+bad_prompts = {{ dataset = "builtin:demo_harmful", split = "[:4]" }}
+good_evaluation_prompts = {{ dataset = "builtin:demo_harmless", split = "[4:8]" }}
+bad_evaluation_prompts = {{ dataset = "builtin:demo_harmful", split = "[4:8]" }}
 [cluster]
 workers = 1
 tensor_parallel = 2
@@ -222,7 +193,7 @@ object_store_memory_mb = 100
     assert "1 workers x 2 tensor-parallel ranks x 1.0 CPU" in done.stdout
     assert "1 model loads (0 replacements)" in done.stdout, done.stdout[-2000:]
     trials = st.RunDir(str(run_dir)).read_parquet(st.TRIALS)
-    assert len(trials) == 3 and all(t["state"] == "COMPLETE" for t in trials)
+    assert len(trials) == 2 and all(t["state"] == "COMPLETE" for t in trials)
     assert json.loads((run_dir / "run_info.json").read_text())["tensor_parallel"] == 2
 
 

@@ -120,7 +120,8 @@ class ModelWorker:
             "load_seconds": self.load_seconds,
             "loads": self.loads,
             "trials_run": self.trials_run,
-            "node_id": ray.get_runtime_context().get_node_id(),
+            # (is_initialized first: get_runtime_context() would start a Ray of its own in a plain process)
+            "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else "",
             "rank": self.rank,
             "ranks": self.world_size,
             "peer_pids": list(self._peer_pids),
