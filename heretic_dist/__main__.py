@@ -36,11 +36,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def leave_process(code: int) -> int:
     """The process's exit, here and not in cli.main(): a caller of main() in its own process (a test, a
-    library) must not be ended. After S3 use, pyarrow's S3 client can abort the interpreter at exit
-    (exit 134) after Parquet reads; everything is written and flushed by now: leave without teardown."""
+    library) must not be ended. After S3 use or Parquet decoding, pyarrow can abort the interpreter at
+    exit (134, rundir/parquet.py); everything is written and flushed by now: leave without teardown."""
     from heretic_dist import rundir as storage
+    from heretic_dist.rundir.parquet import rows_decoded
 
-    if storage.s3_used():
+    if storage.s3_used() or rows_decoded():
         import logging
         import os
 

@@ -42,10 +42,22 @@ def rows_to_parquet(rows: list[dict[str, Any]], where: str) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+_ROWS_DECODED = False
+
+
+def rows_decoded() -> bool:
+    """Whether this process turned Parquet into Python rows (the CLI then exits without teardown)."""
+    return _ROWS_DECODED
+
+
 def parquet_to_rows(data: bytes) -> list[dict[str, Any]]:
     # One thread: with Arrow's decode thread pool started, a process that has imported optuna aborts
     # at exit about half the time ("terminate called without an active exception", exit 134; pyarrow
-    # 26, optuna 5); these files are small, threads gain nothing here.
+    # 26, optuna 5); these files are small, threads gain nothing here. It still happens, less often
+    # (2026-12-02: 1-7 of 16 processes, after any to_pylist(), even without optuna): processes of the
+    # CLI therefore end without interpreter teardown once rows were decoded (heretic_dist/__main__.py).
+    global _ROWS_DECODED
+    _ROWS_DECODED = True
     table = pq.read_table(pa.BufferReader(data), use_threads=False)
     meta = table.schema.metadata or {}
     json_cols = set(json.loads(meta.get(_JSON_COLUMNS_KEY, b"[]")))
