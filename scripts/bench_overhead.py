@@ -34,6 +34,10 @@ changed. Definitions (all per COMPLETE trial):
   study sizes; and on a copy of the run's JournalStorage file. This cost is in (b) and in any
   Optuna-based driver, upstream's sequential loop too.
 
+--presample on|off sets `[cluster] presample` (default on: the TPE ask for a slot's next trial runs on
+a background thread while trials run, and the searcher's suggest on the controller's thread only
+collects it). "ask" in (b) is the moment Tune calls the searcher's suggest, not the Optuna ask.
+
 --profile FILE runs the driver under cProfile and prints where the driver process spends its time.
 --env KEY=VALUE sets an environment variable before Ray and Tune are imported (to try Tune knobs).
 --record writes the section `bench_overhead` of docs/benchmarks.md.
@@ -88,6 +92,7 @@ workers = {workers}
 cpus_per_worker = 1
 shards_per_trial = {shards}
 object_store_memory_mb = 100
+presample = {presample}
 [engine_options]
 fake_trial_seconds = {trial_seconds}
 """
@@ -136,7 +141,8 @@ def run_driver(args, run_root: Path):
 
     cfg = run_root / "bench.toml"
     cfg.write_text(CONFIG.format(trials=args.trials, startup=args.startup, workers=args.workers,
-                                 shards=args.shards, trial_seconds=args.trial_seconds))
+                                 shards=args.shards, trial_seconds=args.trial_seconds,
+                                 presample=str(args.presample == "on").lower()))
     settings = load_settings(cfg)
     stamps = Stamps()
     searchers = []
@@ -152,14 +158,16 @@ def run_driver(args, run_root: Path):
             marks["search_end"] = time.time()
 
     ask_seconds: dict[str, float] = {}
+    suggest_at: dict[str, float] = {}
 
     def build_tuner(*a, **kw):
         tuner, searcher = orig_build(*a, **kw)
         searchers.append(searcher)
         suggest = searcher.suggest
 
-        def timed_suggest(trial_id):  # Optuna ask + the define-by-run suggestions + journal writes
+        def timed_suggest(trial_id):  # the suggest on the controller's thread (see --presample)
             t = time.perf_counter()
+            suggest_at[trial_id] = time.time()
             try:
                 return suggest(trial_id)
             finally:
@@ -195,7 +203,7 @@ def run_driver(args, run_root: Path):
     by_number = {tune_to_number[tid]: v for tid, v in stamps.by_tune_id.items() if tid in tune_to_number}
     for tid, sec in ask_seconds.items():
         if tid in tune_to_number:
-            by_number.setdefault(tune_to_number[tid], {})["ask_s"] = sec
+            by_number.setdefault(tune_to_number[tid], {}).update(ask_s=sec, suggest_at=suggest_at[tid])
     return dict(outcome=outcome, marks=marks, wall=wall, stamps=by_number, profiler=profiler,
                 run_dir=run_root / "run", settings=settings)
 
@@ -218,6 +226,8 @@ def analyse(facts, in_flight: int) -> tuple[list[str], dict]:
         recs.append(dict(number=t.number, ask=t.datetime_start.timestamp(), tell=t.datetime_complete.timestamp(),
                          fn=float(a["trial_seconds"]), engine=engine, lease=float(a.get("lease_s", 0.0)),
                          run=float(a.get("run_s", 0.0)), pid=a.get("trial_pid"), **facts["stamps"].get(t.number, {})))
+    for r in recs:  # the moment Tune asked the searcher (with --presample on, the Optuna ask ran earlier)
+        r["ask"] = r.get("suggest_at", r["ask"])
     recs.sort(key=lambda r: r["ask"])
     # (a)
     in_fn = [r["fn"] - r["engine"] for r in recs]
@@ -261,7 +271,7 @@ def analyse(facts, in_flight: int) -> tuple[list[str], dict]:
         "",
         "(b) controller, per trial per slot [ms]",
         row("slot cycle - trial_seconds (= controller overhead)", ctrl),
-        row("  of which: searcher.suggest (TPE ask + suggestions + journal)", asks),
+        row("  of which: searcher.suggest on the controller's thread", asks),
         row("  controller overhead without the suggest", ctrl_no_ask),
         row("  part: tell(prev) -> ask(this), same slot", tell_ask),
         row("  part: ask(this) -> tell(this) - trial_seconds", ask_tell_rest),
@@ -379,6 +389,8 @@ def main() -> int:
     p.add_argument("--trial-seconds", type=float, default=0.0,
                    help="engine time per trial (FakeEngine sleep; subtracted like any engine time). 0: the "
                         "driver saturated by zero-cost trials; a few seconds: slots that overlap as in a real run")
+    p.add_argument("--presample", choices=["on", "off"], default="on",
+                   help="[cluster] presample: the next TPE ask on a background thread while trials run (default on)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--profile", metavar="FILE", help="cProfile the driver; stats into FILE (and a summary printed)")
     p.add_argument("--max-load", type=float, default=1.5)
@@ -414,7 +426,8 @@ def main() -> int:
                f"{summary['ctrl_p50']:.1f}, of which searcher.suggest {summary['ask_p50']:.1f}); "
                f"TOTAL without the suggest: p50 {summary['total_no_ask_p50']:.1f} ms")
     header = [f"{args.trials} trials, FakeEngine ({args.trial_seconds:g} s of engine time per trial), "
-              f"{args.workers} workers x 1 CPU, K = {args.shards} shard(s) per trial, {args.startup} TPE start-up trials",
+              f"{args.workers} workers x 1 CPU, K = {args.shards} shard(s) per trial, {args.startup} TPE start-up trials, "
+              f"presample {args.presample}",
               f"env: {' '.join(args.env) or '(defaults)'}",
               f"before: {load_text_before}{'' if quiet else ' (NOT quiet: waited the maximum)'}; "
               f"after: {load_text_after}"]
@@ -429,7 +442,8 @@ def main() -> int:
     if args.record:
         body = "\n".join([
             "## Driver overhead per trial (FakeEngine"
-            + (f", {args.trial_seconds:g} s per trial)" if args.trial_seconds else ", zero-cost trials)"),
+            + (f", {args.trial_seconds:g} s per trial" if args.trial_seconds else ", zero-cost trials")
+            + (", presample off)" if args.presample == "off" else ")"),
             "",
             "What: the real search path (`driver.run`: Ray Tune + StudySearch on a JournalStorage study + "
             "WorkerPool) with the model-free FakeEngine, so all time per trial is the machinery's. "
@@ -448,7 +462,8 @@ def main() -> int:
             "```",
         ])
         # zero-cost trials and trials with engine time are different questions: one section each
-        section = "bench_overhead" + (f"_{args.trial_seconds:g}s".replace(".", "_") if args.trial_seconds else "")
+        section = ("bench_overhead" + (f"_{args.trial_seconds:g}s".replace(".", "_") if args.trial_seconds else "")
+                   + ("_presample_off" if args.presample == "off" else ""))
         bd.write_section(section, body)
     return 0
 

@@ -108,7 +108,7 @@ def test_two_shards_equal_one_on_smollm2():
     good = load_prompt_set(PromptSetSpec(dataset="builtin:demo_harmless", split="[:12]"), "You are a helpful assistant.")
     bad = load_prompt_set(PromptSetSpec(dataset="builtin:demo_harmful", split="[:12]"), "You are a helpful assistant.")
     quiet_ray_env()
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2, log_to_driver=False)
     try:
         settings = make_settings(smollm2_gguf(), max_response_length=16, batch_size=8, refusal_markers=["sorry", "i can", "harm"])
         pool = WorkerPool(ENGINE, settings, n_workers=2, cpus_per_worker=1.0)

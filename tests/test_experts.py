@@ -274,7 +274,7 @@ def test_ray_worker_scores_a_moe_trial_as_in_process(folders):
     params = everywhere(2, max_weight=1.2)
     local = engine.run_trial(params, Shard())
     quiet_ray_env()
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
     try:
         pool = WorkerPool("hf", make_settings(folder, refusal_markers=["the", "a"]), n_workers=1,
                           cpus_per_worker=1.0)

@@ -176,7 +176,7 @@ def gpu_cluster():
     from heretic_dist.distributed.pool import quiet_ray_env
 
     quiet_ray_env()
-    ray.init(num_cpus=2, num_gpus=4, include_dashboard=False, object_store_memory=100 * 1024**2,
+    ray.init(address="local", num_cpus=2, num_gpus=4, include_dashboard=False, object_store_memory=100 * 1024**2,
              logging_level="WARNING", log_to_driver=False)
     try:
         yield

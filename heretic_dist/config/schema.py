@@ -62,6 +62,11 @@ class ClusterSettings(BaseModel):
     max_trial_attempts: int = Field(
         default=3, ge=1, description="Tries per trial when a worker dies mid-trial"
     )
+    presample: bool = Field(
+        default=True,
+        description="With 2+ trials in flight, sample the next trial's parameters while trials run (TPE off "
+        "the Tune controller's path; that one sample cannot see the result told just before it is used)",
+    )
 
     @field_validator("gpus_per_worker")
     @classmethod

@@ -1,19 +1,21 @@
 """Ray Tune over the run's Optuna study: the Searcher, the trial function, the rounds until done.
 
 How a trial runs:
-1. The driver runs Ray Tune with `StudySearcher`, a Ray Tune `Searcher` (its public plug-in contract)
-   that owns the Optuna study through Optuna's public API: `study.ask()` plus the define-by-run space
-   for each suggestion, `study.tell()` exactly once per asked trial.
-2. Tune starts a light trial function (0 CPUs, pinned to the driver's node by a sliver of its
-   `node:<ip>` resource, so model workers own all CPUs/GPUs). It re-attaches to the WorkerPool by
+1. The driver runs Ray Tune with `StudySearcher` (searcher.py), a Ray Tune `Searcher` (its public
+   plug-in contract) that owns the Optuna study through Optuna's public API: `study.ask()` plus the
+   define-by-run space for each suggestion, `study.tell()` exactly once per asked trial, both on a
+   thread of its own so that Tune's controller does not wait for TPE or the journal's fsyncs.
+2. Tune starts a light trial function (0 CPUs, pinned to the driver's node by node id, so model
+   workers own all CPUs/GPUs). It re-attaches to the WorkerPool by
    name, decodes the params, leases K workers and runs shard i of K on each. A worker lost mid-trial
    is replaced and its shard re-run inside the same trial.
 3. The function reduces the partial results, computes both objectives and reports once. Anything that
    goes wrong inside is reported as a result with `trial_failed` and a reason instead of raised, so
    Tune prints no traceback and the searcher records the reason.
-4. `StudySearcher.on_trial_complete` stores the trial's record as user attrs and tells the study:
-   COMPLETE with two finite values, or FAIL with `fail_reason`. `run_search` fails, in a `finally`,
-   every trial this session asked but never told, so no trial is left RUNNING by this process.
+4. `StudySearcher.on_trial_complete` hands the tell to its study thread: the trial's record as user
+   attrs, then COMPLETE with two finite values, or FAIL with `fail_reason`. `run_search` fails, in a
+   `finally`, every trial this session asked but never told (after the study thread has written what
+   it was handed), so no trial is left RUNNING by this process.
 
 Resume: `prepare_study` fails RUNNING leftovers of a killed driver ("interrupted") and re-queues their
 parameters; `run_search` runs rounds until the study holds `n_trials` COMPLETE trials.
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field, fields
@@ -31,22 +32,20 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from ray.tune.search import Searcher
 
 from heretic_dist.config import ClusterSettings, Settings
 from heretic_dist.engine.types import Shard
 from heretic_dist.search.objectives import METRICS, objective_values, reduce_partials
 from heretic_dist.search.space import SearchSpace, decode_trial_params
-from heretic_dist.search.study import (REASON_KEY, grouped, jsonable, make_sampler, open_storage, open_study,
-                                       prepare_study)
+from heretic_dist.search.study import REASON_KEY, jsonable, make_sampler, open_storage, open_study, prepare_study
+
+from .searcher import FAILED_KEY, RECORD_KEY, StudySearcher
 
 if TYPE_CHECKING:
     from .pool import WorkerPool
 
 log = logging.getLogger(__name__)
 
-RECORD_KEY = "heretic_record"  # the result field carrying the trial's record (JSON), stored as user attrs
-FAILED_KEY = "trial_failed"
 
 
 def _setting(name: str, table: type = Settings) -> Any:
@@ -69,6 +68,7 @@ class SearchSpec:
     max_attempts: int = field(default_factory=lambda: _setting("max_trial_attempts", ClusterSettings))
     lease_timeout_s: float | None = None  # no limit: a trial waits for free workers as long as it takes
     n_ei_candidates: int = 128  # TPE candidates per suggestion (Optuna's default is 24)
+    presample: bool = field(default_factory=lambda: _setting("presample", ClusterSettings))
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> SearchSpec:
@@ -76,7 +76,7 @@ class SearchSpec:
         spec = cls(n_trials=settings.n_trials, n_startup_trials=settings.n_startup_trials, seed=settings.seed,
                    allow_mlp_off=settings.allow_mlp_off, kl_scale=settings.kl_divergence_scale,
                    kl_target=settings.kl_divergence_target, workers=c.workers, shards=c.shards_per_trial,
-                   max_attempts=c.max_trial_attempts)
+                   max_attempts=c.max_trial_attempts, presample=c.presample)
         names = {f.name for f in fields(cls)}
         for key, value in overrides.items():
             if key not in names:
@@ -160,121 +160,6 @@ def trial_function(config: dict[str, Any], setup: TrialSetup) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# The searcher
-
-
-class StudySearcher(Searcher):
-    """A Ray Tune Searcher whose suggestions are Optuna trials of one study; tells each exactly once."""
-
-    def __init__(self, storage: Any, study_name: str, space: SearchSpace, sampler: optuna.samplers.BaseSampler,
-                 on_told: Callable[[FrozenTrial], None] | None = None):
-        super().__init__(metric=list(METRICS), mode=["min", "min"])
-        self.storage = open_storage(storage)
-        self.study = optuna.load_study(study_name=study_name, storage=self.storage, sampler=sampler)
-        self.space = space
-        self.on_told = on_told
-        self.asked: dict[str, optuna.Trial] = {}  # Tune trial id -> the Optuna trial asked for it
-        self.finished: set[str] = set()
-        self.told: dict[int, str] = {}  # trial number -> state name, for this session
-
-    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
-        return True  # metric, mode and space are fixed at construction
-
-    def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        # the ask and its ~11 parameter lines: 2 journal appends instead of 12
-        with grouped(self.storage):
-            trial = self.study.ask()
-            params = self.space(trial)
-        self.asked[trial_id] = trial
-        return params
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self.finished or trial_id not in self.asked:
-            return
-        trial = self.asked[trial_id]
-        values, reason = _outcome(result, error)
-        attrs: dict[str, Any] = {}
-        if result and RECORD_KEY in result:
-            try:
-                attrs = json.loads(result[RECORD_KEY])
-            except ValueError:
-                attrs = {}
-        attrs["index"] = trial.number + 1
-        if reason:
-            attrs[REASON_KEY] = reason
-        self._tell(trial, values, attrs)
-        self.finished.add(trial_id)
-
-    def _tell(self, trial: optuna.Trial, values: list[float] | None, attrs: dict[str, Any]) -> None:
-        # the ~20 user attrs go with the tell's state change: 1 journal append, not 21
-        with grouped(self.storage):
-            for key, value in attrs.items():
-                try:
-                    trial.set_user_attr(key, jsonable(value))
-                except Exception as exc:  # noqa: BLE001 - attrs must not cost the trial
-                    log.warning("trial %d: user attr %s not stored: %s", trial.number, key, exc)
-            state = TrialState.COMPLETE if values is not None else TrialState.FAIL
-            try:
-                frozen = self.study.tell(trial, values, state=state)
-            except Exception as exc:  # noqa: BLE001 - never leave it RUNNING
-                log.warning("trial %d: tell failed (%s); marking it FAIL", trial.number, exc)
-                trial.set_user_attr(REASON_KEY, f"tell failed: {exc}")
-                frozen = self.study.tell(trial, None, state=TrialState.FAIL)
-                state = TrialState.FAIL
-        self.told[trial.number] = state.name
-        if self.on_told is not None:
-            try:
-                self.on_told(frozen)
-            except Exception as exc:  # noqa: BLE001 - a progress line must not stop the search
-                log.warning("after trial %d: %s", trial.number, exc)
-
-    def fail_untold(self, reason: str) -> list[int]:
-        """Fail every trial this searcher asked but never told (e.g. the run was interrupted)."""
-        failed = []
-        for trial_id, trial in list(self.asked.items()):
-            if trial_id in self.finished:
-                continue
-            try:
-                with grouped(self.storage):
-                    trial.set_user_attr(REASON_KEY, reason)
-                    self.study.tell(trial, None, state=TrialState.FAIL, skip_if_finished=True)
-                failed.append(trial.number)
-            except Exception as exc:  # noqa: BLE001 - best effort; a resume fails it as interrupted
-                log.warning("trial %d could not be failed: %s", trial.number, exc)
-            self.finished.add(trial_id)
-        return failed
-
-    # The Tuner pickles its searcher into its own state file; the callback (progress display, run
-    # directory) stays in this process: a restored searcher would be a new one anyway (see save).
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "on_told": None}
-
-    # The study file is the source of truth and a resume builds a fresh searcher: nothing to checkpoint.
-    def save(self, checkpoint_path: str) -> None:
-        return None
-
-    def restore(self, checkpoint_path: str) -> None:
-        return None
-
-
-def _outcome(result: dict | None, error: bool) -> tuple[list[float] | None, str | None]:
-    """(objective values, None) for a trial to tell COMPLETE, else (None, the reason it failed)."""
-    if error:
-        return None, "the Tune trial process failed (see the Tune trial log)"
-    if not result or RECORD_KEY not in result:
-        return None, "the trial was stopped before it reported"
-    if result.get(FAILED_KEY):
-        return None, str(result.get(REASON_KEY) or "trial failed")
-    try:
-        values = [float(result[m]) for m in METRICS]
-    except (KeyError, TypeError, ValueError) as exc:
-        return None, f"bad objective values: {exc}"
-    if not all(math.isfinite(v) for v in values):
-        return None, f"non-finite objective values {values}"
-    return values, None
-
-
-# --------------------------------------------------------------------------------------------------
 # Rounds of Tune until the study holds n_trials COMPLETE trials
 
 
@@ -283,14 +168,14 @@ def build_tuner(setup: TrialSetup, spec: SearchSpec, storage: Any, study_name: s
                 callbacks: list | None = None, on_told: Callable[[FrozenTrial], None] | None = None,
                 n_existing: int = 0):
     """(Tuner, searcher). Trials are 0-CPU function trainables pinned to this node."""
-    import ray
     from ray import tune
 
+    in_flight = max(1, spec.workers // max(1, spec.shards))
     searcher = StudySearcher(
         storage, study_name,
         SearchSpace(setup.n_layers, setup.allow_mlp_off, tuple(components) if components else None),
         make_sampler(spec.n_startup_trials, spec.seed, n_existing, spec.n_ei_candidates),
-        on_told=on_told,
+        on_told=on_told, budget=num_samples, presample=spec.presample and in_flight > 1,
     )
     trainable = tune.with_resources(tune.with_parameters(trial_function, setup=setup), driver_node_resources())
     tuner = tune.Tuner(
@@ -298,7 +183,7 @@ def build_tuner(setup: TrialSetup, spec: SearchSpec, storage: Any, study_name: s
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             num_samples=num_samples,
-            max_concurrent_trials=max(1, spec.workers // max(1, spec.shards)),
+            max_concurrent_trials=in_flight,
             reuse_actors=True,
             trial_name_creator=_trial_name,
             trial_dirname_creator=_trial_name,

@@ -53,14 +53,22 @@ def tensor_parallel_env(settings) -> tuple[int, int] | None:
 def join_group(rank: int, world: int, timeout_s: float = 1800.0) -> None:
     """Join the replica's process group through DeepSpeed (so its inference all-reduce is set up).
 
-    LOCAL_SIZE = world tells DeepSpeed's CPU shared-memory all-reduce that every rank is on this node
-    (a replica is placed on one node); without it that op is not initialised and crashes.
+    LOCAL_SIZE = world tells DeepSpeed's CPU accelerator that every rank is on this node (a replica is
+    placed on one node). On CPU, DeepSpeed would build its shared-memory all-reduce, a C++ extension
+    compiled on first use (about 50 s per fresh install on a 2-core machine, and it crashed without
+    LOCAL_SIZE); gloo's all_reduce gives the same sums, so that op is switched off through the op table
+    DeepSpeed keeps for this (`deepspeed.ops.__compatible_ops__`, "edits to it persist"). CPU replicas
+    are for tests and small checks; on GPUs NCCL does the all-reduce either way.
     """
     import deepspeed
 
     os.environ.setdefault("LOCAL_RANK", str(rank))
     os.environ.setdefault("LOCAL_SIZE", str(world))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "gloo":
+        compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+        if isinstance(compatible, dict):
+            compatible["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=datetime.timedelta(seconds=timeout_s), rank=rank, world_size=world)
 
