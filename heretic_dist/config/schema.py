@@ -65,7 +65,7 @@ class ClusterSettings(BaseModel):
     presample: bool = Field(
         default=True,
         description="With 2+ trials in flight, sample the next trial's parameters while trials run (TPE off "
-        "the Tune controller's path; that one sample cannot see the result told just before it is used)",
+        "the Tune controller's path; such a sample may not see the result told just before it is used)",
     )
 
     @field_validator("gpus_per_worker")
