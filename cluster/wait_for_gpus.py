@@ -1,8 +1,8 @@
 """Ask the Ray autoscaler for GPUs and wait until the cluster has them.
 
-`heretic-dist run` checks at start that the cluster, as it is at that moment, can hold all its
-workers. A launcher cluster that scales its GPU workers from zero has none yet, so run this first, on
-the head:
+`heretic-dist run` checks at start that the cluster, as it is at that moment, can hold the workers
+it waits for (`--min-workers`; the others wait as pending actors). A launcher cluster that scales
+its GPU workers from zero has none yet, so run this first, on the head:
 
     ray submit cluster/aws-spot.yaml cluster/wait_for_gpus.py --gpus 4
 

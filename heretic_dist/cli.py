@@ -8,8 +8,9 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any, Callable
 
+from .cli_options import ADDRESS_HELP, add_cluster_options
 from .errors import UserError
-from .display import print_evaluation, print_front, print_geometry
+from .display import print_evaluation, print_front, print_geometry, workers_line
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -42,11 +43,6 @@ def _parse_set(values: list[str]) -> dict[str, Any]:
             raise UserError(f"--set expects KEY=VALUE (for example --set n_trials=20), got {item!r}")
         overrides[key.strip()] = value
     return overrides
-
-
-def gpus_value(text: str) -> float | str:
-    """--gpus-per-worker: a number or "auto"."""
-    return text if text == "auto" else float(text)
 
 
 def _settings(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Settings:
@@ -145,9 +141,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .display import RunProgress
     from .distributed.driver import RunOptions, run
 
-    cluster = {"cluster.address": args.address, "cluster.workers": args.workers,
-               "cluster.cpus_per_worker": args.cpus_per_worker, "cluster.gpus_per_worker": args.gpus_per_worker,
-               "cluster.shards_per_trial": args.shards_per_trial, "n_trials": args.n_trials}
+    cluster = {f"cluster.{k}": getattr(args, k) for k in ("address", "workers", "min_workers", "cpus_per_worker",
+                                                          "gpus_per_worker", "shards_per_trial")}
+    cluster["n_trials"] = args.n_trials
     settings = _settings(args, cluster)
     run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
     if settings.print_residual_geometry or settings.plot_residuals:  # upstream's keys: research first
@@ -192,10 +188,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     run, manifest, study = _open_run(args.run_dir)
     rows = trial_rows(study, manifest.get("n_bad_prompts", 0))
     counts = {state: sum(r["state"] == state for r in rows) for state in ("COMPLETE", "RUNNING", "FAIL")}
-    n_trials = st.read_run_info(run).get("n_trials")
+    info = st.read_run_info(run)
+    n_trials = info.get("n_trials")
     print(f"run {manifest['run_id']}: model {manifest['model'].get('model', manifest['model'])}")
     print(f"trials: {counts['COMPLETE']} complete" + (f" of {n_trials}" if n_trials else "")
           + f", {counts['RUNNING']} running, {counts['FAIL']} failed")
+    if "pool" in info:  # what the driver last recorded
+        print(workers_line(info["pool"]))
     durations = [r["duration_s"] for r in rows if r["state"] == "COMPLETE" and r["duration_s"]]
     if durations:
         print(f"mean trial time: {sum(durations) / len(durations):.1f} s (per worker group)")
@@ -366,7 +365,7 @@ def _add_result_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--batch-dir", help="batch directory: a path, s3:// or gs:// (default batches/MANIFEST-NAME)")
     p.add_argument("--parallel-models", type=int, default=1, metavar="M",
                    help="models run at once, each on its own workers (default 1)")
-    p.add_argument("--address", help="join this Ray cluster ('auto' for the local one); default: start one")
+    p.add_argument("--address", help=ADDRESS_HELP)
     p.add_argument("--retry-failed", action="store_true", help="run failed models again")
 
     p = add("batch-status", cmd_batch_status, "per-model status and best points of a batch")
@@ -391,10 +390,7 @@ def _add_result_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     choice.add_argument("--top", type=int, help="evaluate the K front trials nearest the best point")
     p.add_argument("--config", help="evaluation config TOML (see configs/evaluation.toml), or a run config "
                                     "with an [evaluation] table")
-    p.add_argument("--address", help="join this Ray cluster ('auto' for the local one); default: start one")
-    p.add_argument("--workers", type=int, help="model workers (each loads the model once)")
-    p.add_argument("--cpus-per-worker", type=float, help="CPUs per worker")
-    p.add_argument("--gpus-per-worker", type=gpus_value, help='GPUs per worker (fractions share a GPU; "auto")')
+    add_cluster_options(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting that changes no result, e.g. --set batch_size=8 (repeatable)")
 
@@ -436,10 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("run", cmd_run, "run or resume the distributed search")
     with_config(p)
     p.add_argument("--run-dir", help="run directory: a path, file://, s3:// or gs:// (default runs/CONFIG-NAME)")
-    p.add_argument("--address", help="join this Ray cluster ('auto' for the local one); default: start one")
-    p.add_argument("--workers", type=int, help="model workers (each loads the model once)")
-    p.add_argument("--cpus-per-worker", type=float, help="CPUs per worker")
-    p.add_argument("--gpus-per-worker", type=gpus_value, help='GPUs per worker (fractions share a GPU; "auto")')
+    add_cluster_options(p, elastic=True)
     p.add_argument("--shards-per-trial", type=int, help="workers per trial (prompt sharding)")
     p.add_argument("--n-trials", type=int, help="complete trials the study should reach")
     p.add_argument("--new-run", action="store_true",
@@ -453,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="store_true", help="refusals and KL of each layer's direction alone")
     p.add_argument("--seed-search", type=int, default=0, metavar="N",
                    help="enqueue the N best sweep trials as the next trials of the run's search")
-    p.add_argument("--address", help="join this Ray cluster ('auto' for the local one); default: start one")
+    p.add_argument("--address", help=ADDRESS_HELP)
     p.add_argument("--workers", type=int, help="model workers (each loads the model once)")
 
     _add_result_commands(add)

@@ -6,6 +6,7 @@ no colour, so they stay readable in a log and greppable in tests.
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import IO, Any, Sequence
 
@@ -93,9 +94,23 @@ class RunProgress:
         u = update
         best = "" if u.best is None else f"best {u.best[0]}/{u.n_bad} at KL {u.best[1]:.3g} (#{u.best[2]})"
         busy = "" if u.workers is None else f"workers busy {u.busy_workers}/{u.workers}"
+        if getattr(u, "pending_workers", None):
+            busy += f" (+{u.pending_workers} pending)"
         if self._task is None:
             self._task = self._bar.add_task("trials", total=u.n_trials, best=best, busy=busy)
         self._bar.update(self._task, completed=u.done, best=best, busy=busy)
+
+
+def workers_line(pool: dict[str, Any]) -> str:
+    """run_info.json's "pool" (the driver's last record): ready workers per node, and pending ones."""
+    by_node: dict[str, list[str]] = {}
+    for worker, node in pool.get("ready", {}).items():
+        by_node.setdefault(node[:12] or "?", []).append(worker)
+    nodes = "; ".join(f"node {node}: {', '.join(workers)}" for node, workers in sorted(by_node.items()))
+    pending = list(pool.get("pending", []))
+    return (f"workers: {sum(map(len, by_node.values()))} ready" + (f" ({nodes})" if nodes else "")
+            + f", {len(pending)} pending" + (f" ({', '.join(pending)})" if pending else "")
+            + f" (recorded {pool.get('updated', '?')})")
 
 
 def print_front(front: list[dict[str, Any]], base_refusals: Any, n_bad: Any,
@@ -138,6 +153,7 @@ def print_evaluation(rows: list[dict[str, Any]]) -> None:
 
 
 RAY_ERROR_THREAD = "ray_listen_error_messages"  # Ray's driver thread that prints cluster errors
+RAYLET_PREFIX = re.compile(r"(\x1b\[\d+m)?\(raylet\)(\x1b\[0m)? ")  # how Ray starts the messages it prints
 
 
 class RayErrorFilter:
@@ -149,18 +165,24 @@ class RayErrorFilter:
     def __init__(self, stream: IO[str]):
         self.stream = stream
         self._last = ""
+        self._after_ray = False  # the newline print() writes after a message of Ray's is Ray's too
 
     def write(self, text: str) -> int:
         import threading
 
-        if threading.current_thread().name != RAY_ERROR_THREAD:
+        # Ray's log deduplicator holds some messages back and prints them at ray.shutdown(), from the
+        # caller's thread: those are known by their "(raylet)" prefix
+        if threading.current_thread().name != RAY_ERROR_THREAD and not RAYLET_PREFIX.match(text):
+            if text == "\n" and self._after_ray:
+                self._after_ray = False
+                return len(text)
+            self._after_ray = False
             return self.stream.write(text)
         first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+        self._after_ray = bool(first)
         if not first:
             return len(text)
         first = first.replace("\x1b[33m", "").replace("\x1b[0m", "")
-        import re
-
         if "Raylet is terminated" in first:
             first = "a node's raylet ended unexpectedly: that node is lost (its workers are replaced)"
         dead = re.search(r"node id: (\w+) and address: (\S+) .*has been marked dead because (.*?)\.", first)

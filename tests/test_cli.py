@@ -100,6 +100,12 @@ def test_what_rays_error_thread_prints_becomes_one_line_each():
     assert lines == ["(ray) a node's raylet ended unexpectedly: that node is lost (its workers are replaced)",
                      "(ray) node 726606e6f372 (192.0.2.2) was marked dead: the detector has missed too many heartbeats from it",
                      "[3/16] trial 2: refusals 5/10"]
+    # what Ray's log deduplicator held back and prints at ray.shutdown(), from the caller's thread
+    late = io.StringIO()
+    stream = RayErrorFilter(late)
+    print(tail.rstrip("\n"), file=stream)
+    print(file=stream)
+    assert late.getvalue().splitlines() == [lines[0], ""]
 
 
 def test_main_called_in_process_returns_even_after_s3_was_used(tmp_path, monkeypatch):

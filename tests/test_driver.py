@@ -1,5 +1,6 @@
-"""The whole `heretic-dist run` as a user runs it: a real local Ray cluster in a subprocess, the fake
-engine where the model does not matter; SIGKILL of the driver, resume, changed settings, more trials."""
+"""The whole `heretic-dist run` as a user runs it: a real local Ray cluster in a subprocess (listening on
+loopback only), the fake engine where the model does not matter; SIGKILL of the driver, resume, changed
+settings, more trials."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from ray_cluster import is_loopback, listening_sockets
 
 from heretic_dist import rundir as st
 from heretic_dist.search.study import open_storage
@@ -101,8 +103,12 @@ def test_sigkill_driver_then_same_command_resumes(tmp_path):
     else:
         proc.kill()
         pytest.fail(f"no progress: {proc.communicate()[0][-3000:]}")
+    listening = listening_sockets(proc.pid)  # checked below, once the driver is gone
     os.kill(proc.pid, signal.SIGKILL)  # the driver process alone, as a crash would
     proc.wait()
+    # the embedded cluster (GCS, raylet, workers, agents) listened on loopback only
+    assert any(name == "gcs_server" for name, _, _ in listening), listening
+    assert all(is_loopback(ip) for _, ip, _ in listening), sorted(listening)
     killed_at = len(complete_numbers(run_dir))
     assert killed_at < 10
 

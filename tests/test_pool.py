@@ -180,3 +180,27 @@ def test_lease_blocks_and_times_out_and_too_many_losses_fail(ray_cluster):
         with pytest.raises(PoolError, match="shape"):
             pool.broadcast_setup("set_directions", torch.zeros(3, 3))
         assert pool.stats()["setup_calls"] == ["set_directions"]
+
+
+def test_elastic_pool_serves_with_the_workers_it_has(ray_cluster):
+    """min_workers=1 of 3 workers on a 2-CPU cluster: the start-up check asks for 1, the pool is ready
+    with what loaded, setup broadcasts and leases do not wait for the third worker (pending: no CPU
+    for it), a worker that joins after a broadcast has replayed it, and shutdown ends the pending one."""
+    with pytest.raises(WorkerStartError, match="cannot hold 3 model workers"):
+        WorkerPool(FAKE, {}, n_workers=3, cpus_per_worker=1.0)
+    with WorkerPool(FAKE, {}, n_workers=3, cpus_per_worker=1.0, min_workers=1) as pool:
+        assert pool.stats()["workers"] >= 1
+        pool.set_directions(torch.randn(10, 16, generator=torch.Generator().manual_seed(0)))
+        deadline = time.monotonic() + 30
+        while pool.stats()["workers"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stats = pool.stats()
+        assert stats["workers"] == 2 and stats["starting"] == 1 and len(stats["pending"]) == 1, stats
+        run = pool.run_sharded("run_trial", [(PARAMS, Shard(0, 2)), (PARAMS, Shard(1, 2))])
+        assert sorted(run.worker_ids) == sorted(stats["nodes"]) and stats["pending"][0] not in run.worker_ids
+        assert len(pool.map("residual_sums", [Prompt("s", f"p {i}") for i in range(5)])) == 2
+        assert pool.stats()["setup_calls"] == ["set_directions"] and pool.loads_total() == 2
+    deadline = time.monotonic() + 20  # the pending worker did not outlive the pool and take a CPU
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == 2

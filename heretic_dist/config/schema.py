@@ -37,6 +37,11 @@ class ClusterSettings(BaseModel):
         default=None, description='Ray address to attach to, e.g. "auto" (unset: start a local cluster)'
     )
     workers: int = Field(default=2, ge=1, description="Number of ModelWorker actors (each loads the model once)")
+    min_workers: int | None = Field(
+        default=None, ge=1,
+        description="Workers loaded before trials start; the others join as their nodes come up (unset: all "
+        "workers on an embedded local cluster, shards_per_trial on a cluster joined with address)",
+    )
     cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs reserved per worker")
     gpus_per_worker: Union[float, Literal["auto"]] = Field(
         default=0.0,
@@ -82,7 +87,18 @@ class ClusterSettings(BaseModel):
                 f"cluster.shards_per_trial = {self.shards_per_trial} must divide "
                 f"cluster.workers = {self.workers}"
             )
+        if self.min_workers is not None and not self.shards_per_trial <= self.min_workers <= self.workers:
+            raise ValueError(
+                f"cluster.min_workers = {self.min_workers} must be at least cluster.shards_per_trial = "
+                f"{self.shards_per_trial} (the workers of one trial) and at most cluster.workers = {self.workers}"
+            )
         return self
+
+    def ready_to_start(self) -> int:
+        """Workers the run waits for before trials start: min_workers, or its default."""
+        if self.min_workers is not None:
+            return self.min_workers
+        return self.shards_per_trial if self.address else self.workers
 
 
 DEFAULT_DTYPES = ["auto", "float16", "bfloat16", "float32"]

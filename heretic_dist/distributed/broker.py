@@ -5,6 +5,12 @@ run on one event loop, so its plain Python state needs no locks. Clients (`pool.
 driver and in Tune trial processes) lease workers from it and talk to the workers directly; the broker
 never sits on the data path. A replacement worker replays the setup log (response prefix, directions,
 evaluation prompts) before it is put on the free list, so it serves exactly like the one it replaces.
+
+Elastic start: `start()` returns once `min_workers` workers are loaded; the others stay pending Ray
+actors (their node may not exist yet) and join the free list the same way as a replacement, once they
+have loaded and replayed the setup log. A start that dies (its node is lost while it loads) is tried
+again a few times with a short backoff; a start that waits for a node with room waits as long as it
+takes, without holding up the workers that are there, and the user is told so in one line (`notices`).
 """
 
 from __future__ import annotations
@@ -13,13 +19,16 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import ray
+import tenacity
 from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, WorkerCrashedError
 
 from . import replica
+from .sizing import ranks_fit
 from .worker import ModelWorker
 
 if TYPE_CHECKING:
@@ -38,8 +47,23 @@ LOST_WORKER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+START_ATTEMPTS = 5  # tries of one worker start whose actor died (e.g. placed on a node that was dying)
+START_BACKOFF_S = 1.0  # the first wait before trying again; doubled each time, at most START_BACKOFF_MAX_S
+START_BACKOFF_MAX_S = 8.0
+WAIT_CHECK_S = 2.0  # how often a start that has not loaded yet looks whether it waits for a node
+NODES_TTL_S = 1.0  # ray.nodes() is asked at most this often (one GCS round trip, on the event loop)
+
+
 class PoolError(RuntimeError):
     """The pool cannot serve a request (no workers left, a lease timed out, too many losses)."""
+
+
+class StartError(PoolError):
+    """A worker did not start. `retry`: its actor died (worth another try), not the engine's own error."""
+
+    def __init__(self, message: str, retry: bool = False):
+        super().__init__(message)
+        self.retry = retry
 
 
 @dataclass(frozen=True)
@@ -60,10 +84,12 @@ class WorkerBroker:
         n_workers: int,
         worker_options: dict[str, Any],
         health_timeout_s: float = 30.0,
+        min_workers: int | None = None,
     ):
         self.engine = engine
         self.settings = settings
         self.n_workers = n_workers
+        self.min_workers = n_workers if min_workers is None else max(1, min(int(min_workers), n_workers))
         self.worker_options = worker_options
         self.health_timeout_s = health_timeout_s
         self.actor_cls = ray.remote(concurrency_groups={"status": 1})(ModelWorker)
@@ -74,42 +100,65 @@ class WorkerBroker:
         self.workers: dict[str, Any] = {}  # alive (or believed alive) workers
         self.free: list[str] = []
         self.setup_log: list[tuple[str, tuple]] = []
+        self.unsettled: list[tuple[str, tuple]] = []  # entries whose broadcast has no verdict yet
+        self.rejections: dict[int, BaseException] = {}  # id(entry) -> the engine's error on a joining worker
         self.loads: dict[str, int] = {}  # every worker ever started, dead ones included
         self.load_seconds: dict[str, float] = {}
         self.hosts: dict[str, str] = {}
+        self.nodes: dict[str, str] = {}  # worker id -> Ray node id
         self.replacements = 0
-        self.starting = 0  # replacements being started
+        self.pending: dict[str, Any] = {}  # starts under way (elastic or replacements): id -> actor or None
+        self.replacing: dict[str, str] = {}  # replacement id -> the lost worker's id
+        self.waiting: set[str] = set()  # pending starts told to wait for a node with room
+        self.notices: list[str] = []  # one line each for the user; the driver prints the new ones
         self.lost: list[dict[str, Any]] = []
         self.replacement_errors: list[str] = []
+        self.tasks: set[asyncio.Task] = set()  # background starts (kept referenced until done)
+        self._nodes_seen: tuple[float, list[dict[str, Any]]] = (0.0, [])
         self.cond = asyncio.Condition()
         self.closed = False
 
+    @property
+    def starting(self) -> int:
+        """Workers being started: elastic ones not loaded yet, and replacements."""
+        return len(self.pending)
+
     # -- starting workers ---------------------------------------------------------------------------
 
-    async def _spawn(self) -> tuple[str, Any]:
-        """Start one worker, wait for its model load, replay the setup log. Raises PoolError on failure."""
-        worker_id = f"w{next(self.ids)}"
+    async def _spawn(self, worker_id: str) -> Any:
+        """Start one worker and wait for its model load; its actor. Raises StartError on failure."""
         actor = None
         try:
             actor = await self._start_actor(worker_id)
-            health = await actor.health.remote()
-        except PoolError:
-            raise
-        except Exception as exc:  # the actor died while loading (e.g. out of memory)
+            self.pending[worker_id] = actor
+            health = await self._loaded(worker_id, actor)
+        except StartError:
             self._kill(worker_id, actor)
-            raise PoolError(f"worker {worker_id} died while loading: {short_error(exc)}") from None
+            raise
+        except Exception as exc:  # the actor died while loading (out of memory, its node lost)
+            self._kill(worker_id, actor)
+            raise StartError(f"worker {worker_id} died while loading: {short_error(exc)}", retry=True) from None
         if health.get("error"):
             self._kill(worker_id, actor)
-            raise PoolError(f"worker {worker_id} on {health.get('host')}: {health['error']}")
+            raise StartError(f"worker {worker_id} on {health.get('host')}: {health['error']}")
         self.loads[worker_id] = int(health["loads"])
         self.load_seconds[worker_id] = float(health["load_seconds"])
         self.hosts[worker_id] = str(health["host"])
-        i = 0
-        while i < len(self.setup_log):  # the log may grow while we replay it
-            method, args = self.setup_log[i]
-            await getattr(actor, method).remote(*args)
-            i += 1
-        return worker_id, actor
+        self.nodes[worker_id] = str(health.get("node_id", ""))
+        return actor
+
+    async def _loaded(self, worker_id: str, actor: Any) -> dict[str, Any]:
+        """The worker's first health() (it answers once its model is loaded). Until then, every few
+        seconds: has the pool been shut down, and does this start wait for a node with room?"""
+        answer = asyncio.wrap_future(actor.health.remote().future())
+        while True:
+            done, _ = await asyncio.wait({answer}, timeout=WAIT_CHECK_S)
+            if done:
+                return answer.result()
+            if self.closed:
+                answer.cancel()
+                raise StartError(f"worker {worker_id}: the pool was shut down while it started")
+            self._note_waiting(worker_id)
 
     async def _start_actor(self, worker_id: str) -> Any:
         """One model worker, or rank 0 of a tensor-parallel replica whose ranks are all loaded."""
@@ -119,7 +168,7 @@ class WorkerBroker:
             actor, group = await replica.start_replica(self.actor_cls, self.worker_options, self.tensor_parallel,
                                                        self.engine, self.settings, worker_id)
         except RuntimeError as exc:
-            raise PoolError(f"worker {worker_id} (tensor-parallel replica) failed to load: {exc}") from None
+            raise StartError(f"worker {worker_id} (tensor-parallel replica) failed to load: {exc}") from None
         self.groups[worker_id] = group
         return actor
 
@@ -132,39 +181,85 @@ class WorkerBroker:
         if group is not None:
             group.kill()
 
-    async def start(self) -> list[dict[str, Any]]:
-        results = await asyncio.gather(*(self._spawn() for _ in range(self.n_workers)), return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        for r in results:
-            if not isinstance(r, BaseException):
-                self.workers[r[0]] = r[1]
-        if errors:
-            for worker_id, actor in self.workers.items():
-                self._kill(worker_id, actor)
-            self.workers.clear()
-            raise PoolError(str(errors[0]))
-        self.free = list(self.workers)
-        return await self.health()
-
-    async def _replace(self) -> None:
-        try:
-            worker_id, actor = await self._spawn()
-        except Exception as exc:
-            self.replacement_errors.append(short_error(exc))
-            log.warning("replacement worker failed to start: %s", short_error(exc))
+    async def _join(self, worker_id: str, actor: Any) -> None:
+        """Replay the setup log on a loaded worker, then put it on the free list. The last look at the
+        log and the join are one step under the lock, so a broadcast started meanwhile cannot miss it."""
+        replayed: list[tuple[str, tuple]] = []
+        while True:
+            todo = [e for e in self.setup_log if not any(e is r for r in replayed)]
+            for entry in todo:
+                method, args = entry
+                try:
+                    await getattr(actor, method).remote(*args)
+                except Exception as exc:  # noqa: BLE001 - lost: try again; the engine's error: give up
+                    if not isinstance(exc, LOST_WORKER_ERRORS) and await self._rejected(entry, exc):
+                        replayed.append(entry)  # the engine rejects it: dropped from the log
+                        continue
+                    self._kill(worker_id, actor)
+                    raise StartError(f"worker {worker_id} failed {method} while joining: {short_error(exc)}",
+                                     retry=isinstance(exc, LOST_WORKER_ERRORS)) from None
+                replayed.append(entry)
             async with self.cond:
-                self.starting -= 1
+                if any(not any(e is r for r in replayed) for e in self.setup_log):
+                    continue  # the log grew while this worker replayed it
+                self.pending.pop(worker_id, None)
+                if self.closed:
+                    self._kill(worker_id, actor)
+                    return
+                if worker_id in self.replacing:
+                    self.replacements += 1
+                if worker_id in self.waiting:
+                    self.waiting.discard(worker_id)
+                    self.notices.append(f"worker {worker_id} is ready on node {self.nodes[worker_id][:12]}: "
+                                        f"the run goes on with {len(self.workers) + 1} workers")
+                self.workers[worker_id] = actor
+                self.free.append(worker_id)
                 self.cond.notify_all()
-            return
-        async with self.cond:
-            self.starting -= 1
-            self.replacements += 1
-            if self.closed:
-                self._kill(worker_id, actor)
                 return
-            self.workers[worker_id] = actor
-            self.free.append(worker_id)
-            self.cond.notify_all()
+
+    async def _bring_up(self, worker_id: str, attempts: int) -> BaseException | None:
+        """Start a worker in slot `worker_id` until it joins the free list: a start whose actor died is
+        tried again (at most `attempts` tries, exponential backoff). Returns the error it gave up on."""
+        self.pending.setdefault(worker_id, None)
+        retrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(attempts),
+            wait=tenacity.wait_exponential(multiplier=START_BACKOFF_S, max=START_BACKOFF_MAX_S),
+            retry=tenacity.retry_if_exception(lambda e: isinstance(e, StartError) and e.retry and not self.closed),
+            before_sleep=lambda state: log.warning("worker %s: start failed, trying again: %s", worker_id,
+                                                   state.outcome.exception() if state.outcome else ""),
+            reraise=True)
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self._join(worker_id, await self._spawn(worker_id))
+        except Exception as exc:  # noqa: BLE001 - recorded; a lease that can never be served says it
+            async with self.cond:
+                self.pending.pop(worker_id, None)
+                self.waiting.discard(worker_id)
+                if not self.closed:
+                    self.replacement_errors.append(short_error(exc))
+                    log.warning("worker %s failed to start: %s", worker_id, short_error(exc))
+                self.cond.notify_all()
+            return exc
+        return None
+
+    def _background(self, worker_id: str, attempts: int = START_ATTEMPTS) -> asyncio.Task:
+        self.tasks.add(task := asyncio.get_running_loop().create_task(self._bring_up(worker_id, attempts)))
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def start(self) -> list[dict[str, Any]]:
+        """Start all n_workers; return once min_workers have loaded (the others join when they have)."""
+        attempts = 1 if self.min_workers >= self.n_workers else START_ATTEMPTS
+        tasks = {self._background(f"w{next(self.ids)}", attempts) for _ in range(self.n_workers)}
+        errors: list[BaseException] = []
+        while len(self.workers) < self.min_workers:
+            done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            errors += [e for e in (t.result() for t in done) if e is not None]
+            if len(errors) > self.n_workers - self.min_workers or (not tasks and len(self.workers) < self.min_workers):
+                await self.shutdown()
+                raise PoolError(str(errors[0]) if errors else "no worker started")
+        return await self.health()
 
     # -- leasing --------------------------------------------------------------------------------------
 
@@ -225,39 +320,73 @@ class WorkerBroker:
             del self.workers[worker_id]
             if worker_id in self.free:
                 self.free.remove(worker_id)
-            self.lost.append({"worker_id": worker_id, "host": self.hosts.get(worker_id, ""), "reason": reason})
-            self.starting += 1
+            self.lost.append({"worker_id": worker_id, "host": self.hosts.get(worker_id, ""),
+                              "node_id": self.nodes.get(worker_id, ""), "reason": reason})
+            new_id = f"w{next(self.ids)}"
+            self.replacing[new_id] = worker_id
+            self.pending[new_id] = None  # counted as starting at once: a lease of k stays servable
         self._kill(worker_id, actor)
-        asyncio.get_running_loop().create_task(self._replace())
+        self._background(new_id)
         return True
 
     # -- setup and introspection --------------------------------------------------------------------
 
     async def broadcast(self, method: str, args: tuple) -> list[Any]:
-        """Call `method(*args)` on every worker while none is leased; log it for replacements."""
-        async with self.cond:
-            await self.cond.wait_for(lambda: self.closed or (self.starting == 0 and len(self.free) == len(self.workers)))
-            if self.closed:
-                raise PoolError("the worker pool is shut down")
-            entry = (method, tuple(args))
-            self.setup_log.append(entry)  # before the calls, so a replacement started meanwhile gets it
-            ids = list(self.workers)
-            self.free = [w for w in self.free if w not in ids]
+        """Call `method(*args)` on every loaded worker while none is leased; log it for the others.
+
+        Workers still starting are not waited for (one may wait long for a node): they replay the log,
+        this entry included, before they join. A loaded worker that answers gives the engine's verdict;
+        when every one called was lost, the call goes to the workers there are next."""
+        entry = (method, tuple(args))
+        errors: list[BaseException] = []
         try:
-            results = await asyncio.gather(
-                *(getattr(self.workers[w], method).remote(*args) for w in ids), return_exceptions=True
-            )
+            while True:
+                async with self.cond:
+                    await self.cond.wait_for(lambda: self.closed or id(entry) in self.rejections or (
+                        (self.workers or not self.pending) and len(self.free) == len(self.workers)))
+                    if id(entry) in self.rejections:
+                        errors = [self.rejections.pop(id(entry))]
+                        break
+                    if self.closed:
+                        raise PoolError("the worker pool is shut down")
+                    if not self.workers:
+                        raise PoolError(f"no worker is alive for {method}")
+                    if not any(e is entry for e in self.unsettled):  # logged before the calls, so a
+                        self.setup_log.append(entry)  # worker that joins meanwhile replays it
+                        self.unsettled.append(entry)
+                    ids = list(self.workers)
+                    self.free = [w for w in self.free if w not in ids]
+                try:
+                    results = await asyncio.gather(
+                        *(getattr(self.workers[w], method).remote(*args) for w in ids), return_exceptions=True)
+                finally:
+                    await self.release(ids)
+                errors = [r for r in results if isinstance(r, BaseException) and not isinstance(r, LOST_WORKER_ERRORS)]
+                errors += [self.rejections.pop(id(entry))] if id(entry) in self.rejections else []
+                lost = [(w, r) for w, r in zip(ids, results) if isinstance(r, LOST_WORKER_ERRORS)]
+                for w, r in lost:
+                    await self.report_lost(w, short_error(r))  # its replacement replays the log
+                if errors or len(lost) < len(ids):
+                    break
         finally:
-            await self.release(ids)
-        errors = [r for r in results if isinstance(r, BaseException) and not isinstance(r, LOST_WORKER_ERRORS)]
+            async with self.cond:
+                if errors:  # the engine rejected the call: it must not be replayed on other workers
+                    self.setup_log = [e for e in self.setup_log if e is not entry]
+                self.unsettled = [e for e in self.unsettled if e is not entry]
+                self.cond.notify_all()
         if errors:
-            # the engine rejected the call: it must not be replayed on replacements
-            self.setup_log = [e for e in self.setup_log if e is not entry]
             raise errors[0]
-        for w, r in zip(ids, results):
-            if isinstance(r, LOST_WORKER_ERRORS):
-                await self.report_lost(w, short_error(r))  # its replacement replays the log
         return [r for r in results if not isinstance(r, BaseException)]
+
+    async def _rejected(self, entry: tuple[str, tuple], error: BaseException) -> bool:
+        """A joining worker's engine raised on a setup entry. Its broadcast still under way: that is
+        the engine's verdict (the broadcast raises it). True if the entry is (now) rejected."""
+        async with self.cond:
+            if any(e is entry for e in self.unsettled):
+                self.rejections[id(entry)] = error
+                self.setup_log = [e for e in self.setup_log if e is not entry]
+                self.cond.notify_all()
+            return not any(e is entry for e in self.setup_log)
 
     async def call_one(self, method: str, args: tuple = ()) -> Any:
         """Call a read-only method (e.g. info) on any free worker."""
@@ -288,6 +417,10 @@ class WorkerBroker:
             "free": len(self.free),
             "leased": [w for w in self.workers if w not in self.free],
             "starting": self.starting,
+            "pending": sorted(self.pending, key=_id_order),
+            "waiting": sorted(self.waiting, key=_id_order),
+            "nodes": {w: self.nodes.get(w, "") for w in self.workers},
+            "notices": list(self.notices),
             "replacements": self.replacements,
             "loads_total": sum(self.loads.values()),
             "loads": dict(self.loads),
@@ -308,12 +441,54 @@ class WorkerBroker:
     async def shutdown(self) -> None:
         async with self.cond:
             self.closed = True
-            actors = list(self.workers.items())
+            actors = list(self.workers.items()) + list(self.pending.items())  # pending: not loaded yet
             self.workers.clear()
             self.free.clear()
             self.cond.notify_all()
         for worker_id, actor in actors:
             self._kill(worker_id, actor)
+
+    # -- starts that wait for a node --------------------------------------------------------------
+
+    def _alive_nodes(self) -> list[dict[str, Any]]:
+        """ray.nodes() of the live nodes, at most once a NODES_TTL_S (many pending starts ask)."""
+        seen, nodes = self._nodes_seen
+        if time.monotonic() - seen > NODES_TTL_S:
+            with contextlib.suppress(Exception):
+                nodes = [n for n in ray.nodes() if n.get("Alive")]
+                self._nodes_seen = (time.monotonic(), nodes)
+        return nodes
+
+    def _need(self) -> dict[str, float]:
+        """What one rank takes (a replica takes it tensor_parallel times, on one node)."""
+        o = self.worker_options
+        need = {"CPU": float(o.get("num_cpus") or 0), "GPU": float(o.get("num_gpus") or 0),
+                **{k: float(v) for k, v in (o.get("resources") or {}).items()}}
+        return {k: v for k, v in need.items() if v > 0}
+
+    def _note_waiting(self, worker_id: str) -> None:
+        """A replacement that has not loaded yet while the live nodes hold fewer workers than the pool
+        has (loaded or starting) waits for a node: say so once, in one line."""
+        if worker_id in self.waiting or worker_id not in self.replacing:
+            return
+        nodes = self._alive_nodes()
+        room = sum(ranks_fit(n.get("Resources", {}), self._need()) // self.tensor_parallel for n in nodes)
+        if room >= len(self.workers) + len(self.pending):
+            return  # there is room for it: it is loading
+        self.waiting.add(worker_id)
+        lost = self.replacing[worker_id]
+        alive = {n.get("NodeID") for n in nodes}
+        with_node = " with its node" if self.nodes.get(lost) and self.nodes[lost] not in alive else ""
+        shape = ", ".join(f"{v:g} {k}" for k, v in self._need().items()) or "no resources"
+        shape = f"{self.tensor_parallel} x ({shape})" if self.tensor_parallel > 1 else shape
+        n = len(self.workers)
+        self.notices.append(f"worker {lost} lost{with_node}; its replacement {worker_id} waits for a node with "
+                            f"{shape} (the run goes on with {n} worker{'s' if n != 1 else ''})")
+
+
+def _id_order(worker_id: str) -> tuple[int, str]:
+    digits = worker_id.lstrip("w")
+    return (int(digits), worker_id) if digits.isdigit() else (1 << 30, worker_id)
 
 
 def short_error(exc: BaseException, limit: int = 600) -> str:

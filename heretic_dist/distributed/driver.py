@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -100,10 +101,32 @@ def _archive_previous(run: st.RunDir, old_id: str) -> None:
         (run.local_path / st.TUNE).rename(run.local_path / "archive" / old_id / st.TUNE)
 
 
-def start_ray(cluster: ClusterSettings, needed_cpus: float, needed_gpus: float) -> bool:
-    """Join `cluster.address`, or start an embedded local cluster sized to the machine."""
+# Ray reads this variable once, when `ray` is imported. Off, Ray takes 127.0.0.1 as a new node's IP and
+# keeps 127.0.0.1 in an address (its default on Windows and macOS); on (Linux's default), it replaces
+# 127.0.0.1 by the machine's network address everywhere, and a node whose IP is not 127.0.0.1 listens on
+# all interfaces (GCS, raylet, object manager, workers: Ray 2.60).
+SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def import_ray_loopback():
+    """Import Ray with SINGLE_MACHINE_ENV off for this process only: the embedded cluster then listens on
+    127.0.0.1 alone, and a driver reaches a cluster at 127.0.0.1:PORT there (batch children join the
+    batch's embedded cluster so). Addresses of other hosts are unaffected. Without effect when Ray is
+    already imported in this process, or when the variable is set (the user's choice stands)."""
+    if "ray" not in sys.modules and SINGLE_MACHINE_ENV not in os.environ:
+        os.environ[SINGLE_MACHINE_ENV] = "0"
+        try:
+            import ray  # noqa: F401
+        finally:  # Ray's own processes (raylet, workers) get their node IP as an argument
+            del os.environ[SINGLE_MACHINE_ENV]
     import ray
 
+    return ray
+
+
+def start_ray(cluster: ClusterSettings, needed_cpus: float, needed_gpus: float) -> bool:
+    """Join `cluster.address`, or start an embedded local cluster sized to the machine (on 127.0.0.1)."""
+    ray = import_ray_loopback()
     from .pool import quiet_ray_env
 
     quiet_ray_env()
@@ -277,10 +300,13 @@ def _run_with_ray(ctx: RunContext) -> RunOutcome:
             + f"{cluster.cpus_per_worker} CPU"
             + (f" x {cluster.gpus_per_worker} GPU" if cluster.gpus_per_worker else ""))
     ctx.pool = WorkerPool(ctx.settings.engine, ctx.settings, cluster.workers, cluster.cpus_per_worker,
-                          cluster.gpus_per_worker)
+                          cluster.gpus_per_worker, min_workers=cluster.ready_to_start())
     try:
         ctx.info = ctx.pool.info()
-        ctx.say(f"workers ready: model loaded once per worker in {ctx.pool.start_seconds:.1f} s; "
+        stats = ctx.pool.stats()
+        ready = (f"{stats['workers']} of {cluster.workers} workers ready ({stats['starting']} pending: each joins "
+                 "once its node is up and its model loaded)" if stats["starting"] else "workers ready")
+        ctx.say(f"{ready}: model loaded once per worker in {ctx.pool.start_seconds:.1f} s; "
                 f"{ctx.info['n_layers']} layers, components {', '.join(ctx.info['components'])}")
         for line in describe_edited(ctx.info.get("edited")):
             ctx.say(line)
@@ -345,7 +371,7 @@ def _directions(ctx: RunContext):
         "winsorization_quantile": str(ctx.settings.winsorization_quantile),
         "orthogonalize_direction": str(ctx.settings.orthogonalize_direction),
         "response_prefix": ctx.prefix})
-    ctx.say(f"directions: computed over {ctx.pool.size()} workers in {time.perf_counter() - t:.1f} s "
+    ctx.say(f"directions: computed over {ctx.pool.stats()['workers']} workers in {time.perf_counter() - t:.1f} s "
             f"(sha256 {ctx.digest[:12]})")
     return directions
 
@@ -371,10 +397,13 @@ def _search(ctx: RunContext):
     done = [(r["refusals"], r["kl"], r["number"]) for r in rows if r["state"] == "COMPLETE"]
     report = ctx.options.on_trial or (lambda update: ctx.say(update.line()))
     progress = Progress(ctx.settings.n_trials, len(done), ctx.base[1], ctx.run_dir, report,
-                        pool_stats=ctx.pool.stats, points=done)
-    return run_search(ctx.pool, SearchSpec.from_settings(ctx.settings), journal, ctx.run_id, ctx.base[0],
-                      ctx.info["n_layers"], ctx.info["components"], tune_dir, on_told=progress.told,
-                      check=ctx.lock.check if ctx.lock else None)
+                        pool_stats=ctx.pool.stats, points=done, say=ctx.say,
+                        on_pool=lambda stats: _write_run_info(ctx, stats, live=True))
+    summary = run_search(ctx.pool, SearchSpec.from_settings(ctx.settings), journal, ctx.run_id, ctx.base[0],
+                         ctx.info["n_layers"], ctx.info["components"], tune_dir, on_told=progress.told,
+                         check=ctx.lock.check if ctx.lock else None)
+    progress.pool_changed(ctx.pool.stats())  # notices that came after the last trial
+    return summary
 
 
 def _finish(ctx: RunContext, summary: Any) -> RunOutcome:
@@ -387,15 +416,26 @@ def _finish(ctx: RunContext, summary: Any) -> RunOutcome:
     ctx.run_dir.write_parquet(st.PARETO, [r for r in rows if r["pareto"]])
     ctx.run_dir.push_journal()
     stats = ctx.pool.stats()
+    if stats["starting"]:
+        ctx.say(f"workers at the end: {stats['workers']} ready, {stats['starting']} still pending "
+                f"({', '.join(stats['pending'])})")
     _write_run_info(ctx, stats, rows)
     return RunOutcome(ctx.run_id, summary.complete, summary.failed, pareto_front(rows), ctx.directions_cached,
                       stats["loads_total"], stats["replacements"], time.perf_counter() - ctx.t0,
                       info={"stats": stats, "base_refusals": ctx.base[0], "n_bad": ctx.base[1]})
 
 
-def _write_run_info(ctx: RunContext, stats: dict[str, Any], rows: list[dict[str, Any]] | None = None) -> None:
-    """run_info.json: the requested n_trials and the cluster at the start; totals after the search."""
+def _write_run_info(ctx: RunContext, stats: dict[str, Any], rows: list[dict[str, Any]] | None = None,
+                    live: bool = False) -> None:
+    """run_info.json: the requested n_trials and the cluster at the start; the pool's workers (ready per
+    node, pending) when they change; totals after the search."""
     old = st.read_run_info(ctx.run_dir)
+    old.pop("pool", None)  # a former session's
+    if stats:
+        old["pool"] = {"updated": _now(), "ready": stats.get("nodes", {}), "pending": stats.get("pending", [])}
+        if live:
+            st.write_run_info(ctx.run_dir, old)
+            return
     cluster = ctx.settings.cluster
     info = dict(old, started=old.get("started", _now()), updated=_now(), n_trials=ctx.settings.n_trials,
                 workers=cluster.workers, shards_per_trial=cluster.shards_per_trial,

@@ -1,7 +1,7 @@
 """WorkerPool: the client side of the WorkerBroker: leases, sharded calls with retry, setup broadcasts.
 
-The driver creates the pool (which creates the broker and waits until every worker has loaded its
-model); Tune trial functions, which run in other processes, re-attach to the same broker by name
+The driver creates the pool (which creates the broker and waits until `min_workers` workers, by default
+all of them, have loaded their model; the others join as they load); Tune trial functions, which run in other processes, re-attach to the same broker by name
 (`WorkerPool.attach`, or simply unpickle a pool). Work goes straight from the caller to the leased
 workers (`run_sharded`).
 
@@ -29,6 +29,7 @@ from heretic_dist.engine.types import Shard
 from heretic_dist.errors import UserError
 
 from .broker import LOST_WORKER_ERRORS, PoolError, WorkerBroker, WorkerRef, short_error
+from .sizing import ranks_fit
 
 if TYPE_CHECKING:
     from heretic_dist.config import Settings
@@ -117,14 +118,19 @@ class WorkerPool:
         scheduling_strategy: str | None = None,
         check_resources: bool = True,
         start_timeout_s: float | None = None,
+        min_workers: int | None = None,
     ):
+        """`min_workers` (default n_workers): the pool is ready, and trials may start, once that many
+        workers have loaded; the others are pending actors that join when their node and model are up."""
         if n_workers < 1:
             raise WorkerStartError("the pool needs at least one worker")
         if not ray.is_initialized():
             raise RuntimeError("ray.init() must run before a WorkerPool is created")
+        min_workers = n_workers if min_workers is None else max(1, min(min_workers, n_workers))
         ranks = int(getattr(getattr(settings, "cluster", None), "tensor_parallel", 1) or 1)
         if check_resources:  # a tensor-parallel replica takes its per-worker resources once per rank
-            _check_resources(n_workers * ranks, cpus_per_worker, gpus_per_worker, resources or {})
+            _check_resources(min_workers * ranks, cpus_per_worker, gpus_per_worker, resources or {},
+                             elastic=min_workers < n_workers)
             if ranks > 1 or gpus_per_worker > 1:
                 _check_one_node_holds_a_replica(ranks, cpus_per_worker, gpus_per_worker, resources or {})
         if ranks > 1 and scheduling_strategy:
@@ -148,6 +154,7 @@ class WorkerPool:
         self.name = f"heretic-pool-{uuid.uuid4().hex[:8]}"
         self.namespace = ctx.namespace
         self.n_workers = n_workers
+        self.min_workers = min_workers
         self.owner = True
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -162,7 +169,7 @@ class WorkerPool:
                 # the broker lives beside the driver: a lost spot node must not take it along
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=ctx.get_node_id(), soft=False),
             )
-            .remote(engine, settings, n_workers, worker_options)
+            .remote(engine, settings, n_workers, worker_options, min_workers=min_workers)
         )
         self._keep: list[Any] = []  # ObjectRefs this driver put for the setup log (kept alive here)
         t0 = time.perf_counter()
@@ -171,7 +178,7 @@ class WorkerPool:
         except GetTimeoutError:
             self.shutdown()
             raise WorkerStartError(
-                f"{n_workers} model workers did not start within {start_timeout_s:.0f} s "
+                f"{min_workers} model workers did not start within {start_timeout_s:.0f} s "
                 f"(each needs {cpus_per_worker} CPU, {gpus_per_worker} GPU): is the cluster big enough?"
             ) from None
         except RayTaskError as exc:
@@ -267,7 +274,7 @@ class WorkerPool:
         """
         if not items:
             return []
-        k = max(1, min(self.size(), len(items)))
+        k = max(1, min(self.stats()["workers"], len(items)))  # the loaded workers, not the pending ones
         shard_args = [(Shard(i, k).take(items), *extra_args) for i in range(k)]
         return self.run_sharded(method, shard_args, max_attempts).results
 
@@ -345,15 +352,16 @@ def cause_text(exc: RayTaskError) -> str:
     return str(exc).strip().splitlines()[-1]
 
 
-def _check_resources(n: int, cpus: float, gpus: float, resources: dict[str, float]) -> None:
-    """Fail fast when the cluster, as it is now, can never hold the workers (no autoscaling assumed)."""
+def _check_resources(n: int, cpus: float, gpus: float, resources: dict[str, float], elastic: bool = False) -> None:
+    """Fail fast when the cluster, as it is now, cannot hold the `n` workers the pool waits for (all of
+    them, or cluster.min_workers with an elastic start; the others may wait for nodes to come)."""
     total = ray.cluster_resources()
     need = {"CPU": n * cpus, "GPU": n * gpus, **{k: n * v for k, v in resources.items()}}
     missing = [f"{k}: need {v:g}, cluster has {total.get(k, 0):g}" for k, v in need.items() if v > total.get(k, 0) + 1e-9]
     if missing:
         raise WorkerStartError(
             f"the cluster cannot hold {n} model workers ({'; '.join(missing)}); "
-            "lower cluster.workers or the per-worker resources"
+            f"lower {'cluster.min_workers' if elastic else 'cluster.workers'} or the per-worker resources"
         )
 
 
@@ -364,7 +372,7 @@ def _check_one_node_holds_a_replica(ranks: int, cpus: float, gpus: float, resour
     for node in ray.nodes():
         if node.get("Alive"):
             have = node.get("Resources", {})
-            best = max(best, min(int(have.get(k, 0) / v + 1e-9) for k, v in need.items()) if need else ranks)
+            best = max(best, ranks_fit(have, need) if need else ranks)
     if best < ranks:
         shape = ", ".join(f"{v:g} {k}" for k, v in need.items())
         raise WorkerStartError(

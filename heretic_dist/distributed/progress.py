@@ -31,25 +31,32 @@ class TrialUpdate:
     eta_s: float | None
     best: Point | None  # (refusals, KL, trial) of the best point so far (search/front.py's rule)
     busy_workers: int | None
-    workers: int | None
+    workers: int | None  # loaded (ready) workers
+    pending_workers: int | None = None  # workers still starting: elastic ones, replacements
 
     def line(self) -> str:
         """The plain progress line (logs, CI, `ray job logs`)."""
         if not self.complete:
             return f"trial {self.number}: FAILED: {self.reason or 'unknown reason'}"
         eta = "" if self.eta_s is None else f"; ETA {self.eta_s / 60:.1f} min"
+        pool = f"; workers {self.workers} ready, {self.pending_workers} pending" if self.pending_workers else ""
         return (f"[{self.done}/{self.n_trials}] trial {self.number}: refusals {self.refusals}/{self.n_bad}, "
-                f"KL {self.kl or 0.0:.4f}, {self.seconds:.1f} s{eta}")
+                f"KL {self.kl or 0.0:.4f}, {self.seconds:.1f} s{eta}{pool}")
 
 
 class Progress:
-    """Called after each tell: uploads the journal, then reports a TrialUpdate."""
+    """Called after each tell: uploads the journal, then reports a TrialUpdate. With `say`, the pool's
+    new notices (a replacement that waits for a node) are said first, one line each; `on_pool` is called
+    with the pool's stats when its ready or pending workers change (run_info.json for `status`)."""
 
     def __init__(self, n_trials: int, complete: int, n_bad: int, run_dir: Any,
                  report: Callable[[TrialUpdate], None], pool_stats: Callable[[], dict[str, Any]] | None = None,
-                 points: list[Point] | None = None):
+                 points: list[Point] | None = None, say: Callable[[str], None] | None = None,
+                 on_pool: Callable[[dict[str, Any]], None] | None = None):
         self.n_trials, self.complete, self.n_bad, self.run_dir = n_trials, complete, n_bad, run_dir
-        self.report, self.pool_stats = report, pool_stats
+        self.report, self.pool_stats, self.say, self.on_pool = report, pool_stats, say, on_pool
+        self.notices_said = 0
+        self.pool_seen: tuple[Any, ...] | None = None
         self.points: list[Point] = list(points or [])
         self.start = time.perf_counter()
         self.done_here = 0
@@ -68,16 +75,33 @@ class Progress:
             self.complete += 1
             self.points.append((int(a.get("refusals", 0)), float(a.get("kl", 0.0)), trial.number))
             eta = max(self.n_trials - self.complete, 0) * (time.perf_counter() - self.start) / self.done_here
-        busy = workers = None
+        busy = workers = pending = None
         stats = self._recent_stats()
         if stats is not None:
-            workers, busy = stats["workers"], len(stats["leased"])
+            workers, busy, pending = stats["workers"], len(stats["leased"]), stats.get("starting")
+            self.pool_changed(stats)
         self.report(TrialUpdate(
             number=trial.number, complete=complete, refusals=a.get("refusals") if complete else None,
             kl=a.get("kl") if complete else None, seconds=float(a.get("trial_seconds", 0.0)),
             reason=a.get("fail_reason"), done=self.complete, n_trials=self.n_trials, n_bad=self.n_bad,
             eta_s=eta, best=best_point(pareto_front(self.points, point=_same), point=_same),
-            busy_workers=busy, workers=workers))
+            busy_workers=busy, workers=workers, pending_workers=pending))
+
+    def pool_changed(self, stats: dict[str, Any]) -> None:
+        """New notices said once each; `on_pool` when the ready or pending workers changed. The driver
+        calls it once more after the search (for what came after the last trial)."""
+        notices = stats.get("notices", [])
+        if self.say is not None:
+            for line in notices[self.notices_said:]:
+                self.say(line)
+        self.notices_said = len(notices)
+        seen = (tuple(sorted(stats.get("nodes", {}).items())), tuple(stats.get("pending", [])))
+        if self.on_pool is not None and seen != self.pool_seen:
+            self.pool_seen = seen
+            try:
+                self.on_pool(stats)
+            except Exception as error:  # noqa: BLE001 - the display must not cost the run
+                log.warning("recording the pool's workers failed: %s", error)
 
 
     def _recent_stats(self) -> dict[str, Any] | None:

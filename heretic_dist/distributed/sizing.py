@@ -88,6 +88,13 @@ def replicas_on(nodes: Iterable[NodeGpus], gpus_per_worker: float, tensor_parall
     return total
 
 
+def ranks_fit(have: dict[str, float], need: dict[str, float]) -> int:
+    """How many actors needing `need` (resource -> amount) one node with resources `have` holds."""
+    if not need:
+        return 1 << 30
+    return min(int(have.get(k, 0) / v + 1e-9) for k, v in need.items())
+
+
 def _gpus_text(g: float, t: int) -> str:
     """ "2 GPUs per replica", "0.25 GPU per replica (4 per GPU)", "2 ranks x 1 GPU per replica" """
     one = f"{g:g} GPU{'s' if g > 1 else ''}"

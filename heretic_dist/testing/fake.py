@@ -19,7 +19,9 @@ Knobs (keys of a plain dict, or of `engine_options` in the settings: `engine = "
   fake_fail_load (False: when true the constructor raises, like a model that cannot load),
   fake_fail_models ([]: `model` values whose load fails like fake_fail_load; lets one [defaults] table
   of a batch manifest make one model of several fail),
-  fake_memory_gib (1.0: the GPU memory of one replica that gpus_per_worker = "auto" sizes for).
+  fake_memory_gib (1.0: the GPU memory of one replica that gpus_per_worker = "auto" sizes for),
+  fake_hold_file (None: while a file exists at that path, an edited trial waits before it returns; a
+  test holds the trials in flight while it changes the cluster, whatever the machine's speed).
 info() reports the GPUs the worker was given ("gpu_ids", from CUDA_VISIBLE_DEVICES, which Ray sets).
 """
 
@@ -98,6 +100,7 @@ class FakeEngine:
         self.evaluate_seconds = float(_get(settings, "fake_evaluate_seconds", 0.0))
         self.nonfinite = bool(_get(settings, "fake_nonfinite", False))
         self.fail_base = bool(_get(settings, "fake_fail_base", False))  # the base model's scoring raises
+        self.hold_file = _get(settings, "fake_hold_file", None)
         n_eval = int(_get(settings, "fake_n_eval", 20))
         self.good = [Prompt("You are a helpful assistant.", f"harmless request {i}") for i in range(n_eval)]
         self.bad = [Prompt("You are a helpful assistant.", f"harmful request {i}") for i in range(n_eval)]
@@ -186,6 +189,8 @@ class FakeEngine:
         bad = shard.take(self.bad)
         refusals = sum(1 for p in bad if _unit_hash("refusal\x00" + p.user) >= strength)
         time.sleep(self.prompt_seconds * len(bad) + self.trial_seconds)
+        while params is not None and self.hold_file and os.path.exists(self.hold_file):
+            time.sleep(0.05)
         t3 = time.perf_counter()
         return PartialResult(
             refusals=refusals,
