@@ -1,0 +1,269 @@
+#!/usr/bin/env python
+"""How close a trial gets to this machine's compute limit (issue #15, item 1).
+
+Usage:
+  python scripts/bench_limit.py [--model bench|smollm2] [--trials 3] [--good-eval 20] [--bad-eval 20]
+      [--max-response-length 30] [--batch-size 16] [--seed 42] [--max-load 1.0] [--wait 300] [--record]
+
+1. Our Engine runs in this process on the benchmark model (Qwen2.5-Coder-0.5B-Instruct GGUF, float32 on
+   the CPU, as scripts/bench_vs_upstream.py) with the benchmark settings, for `--trials` random trial
+   parameters (seeded). Forward hooks count the work each trial does: every nn.Linear call (rows x in x
+   out, LoRA factors and the LM head included: only the rows it projects) and, per decoder call, batch x
+   new tokens x context for the attention products. Calls are split into the KL pass (prefill of the
+   harmless prompts), the refusal prefill and the decode steps actually taken (early stops included),
+   and padded rows are counted apart from real tokens.
+2. FLOPs = 2 x multiply-adds: the Linears exactly as called; attention as 2 x 2 x heads x head_dim x
+   (new tokens x context) per layer (scores and weighted sum, the full rectangle as SDPA computes it).
+   Not counted: embeddings, norms, activations, rotary, sampling (memory-bound and small here).
+3. This machine's sustained fp32 matmul rate, with torch's thread count as the engine runs: torch.mm at
+   the model's Linear shapes, for the row counts of the prefill (batch x prompt tokens) and of a decode
+   step (batch rows). The compute limit of a phase is its FLOPs over the prefill-shape rate (the best
+   this CPU sustains); the decode steps are also shown against the rate at their own row count (a
+   decode step re-reads every weight for a few rows: memory-bound, not compute-bound).
+4. Printed: per phase FLOPs, real vs padded rows, the limit in seconds and ours (the engine's own
+   kl_s / generation_s timings), and the trial as a whole: ours / limit.
+--record writes the section `bench_limit` of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import _benchdoc as bd  # noqa: E402
+import parity_with_upstream as par  # noqa: E402
+
+PHASES = ("kl", "refusal_prefill", "decode")
+
+
+class WorkCounter:
+    """Forward hooks that add up the FLOPs and rows of each phase of a trial."""
+
+    def __init__(self, model, n_heads: int, head_dim: int, n_layers: int):
+        import torch.nn as nn
+
+        self.phase: str | None = None  # the engine's pass: "kl" or "refusal_prefill" (generation)
+        self.call_phase: str | None = None  # that pass's current decoder call: prefill or a decode step
+        self.flops = defaultdict(float)  # phase -> FLOPs (linear + attention)
+        self.attn_flops = defaultdict(float)
+        self.rows = defaultdict(int)  # phase -> token rows through the decoder (padding included)
+        self.real_rows = defaultdict(int)  # ... without padding
+        self.calls = defaultdict(int)
+        self.row_shapes: dict[str, list[int]] = defaultdict(list)  # rows per decoder call
+        self.n_heads, self.head_dim, self.n_layers = n_heads, head_dim, n_layers
+        self.handles = [m.register_forward_hook(self._linear) for m in model.modules() if isinstance(m, nn.Linear)]
+        self.handles.append(_decoder(model).register_forward_pre_hook(self._decoder, with_kwargs=True))
+
+    def _linear(self, module, inputs, output) -> None:
+        if self.phase is not None and self.call_phase is not None:
+            x = inputs[0]
+            rows = x.numel() // module.in_features
+            self.flops[self.call_phase] += 2.0 * rows * module.in_features * module.out_features
+
+    def _decoder(self, module, args, kwargs) -> None:
+        if self.phase is None:
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        batch, new = (ids.shape[:2] if ids is not None else embeds.shape[:2])
+        mask = kwargs.get("attention_mask")
+        context = int(mask.shape[-1]) if mask is not None else int(new)
+        phase = self.phase
+        if phase == "refusal_prefill" and new == 1:
+            phase = "decode"  # generate(): the first call is the prompt's prefill, then one token a step
+        self.call_phase = phase  # the Linears that follow (layers, LM head) belong to this call
+        attn = 2.0 * 2.0 * self.n_heads * self.head_dim * batch * new * context * self.n_layers
+        self.attn_flops[phase] += attn
+        self.flops[phase] += attn
+        self.rows[phase] += int(batch * new)
+        real = int(mask[:, -new:].sum()) if mask is not None else int(batch * new)
+        self.real_rows[phase] += real
+        self.calls[phase] += 1
+        self.row_shapes[phase].append(int(batch * new))
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _decoder(model):
+    """The decoder stack under the LM head (model.model for Llama/Qwen-style models, PEFT-wrapped or not)."""
+    m = model
+    for attr in ("base_model", "model"):
+        while hasattr(m, attr) and not hasattr(m, "layers"):
+            m = getattr(m, attr)
+    if not hasattr(m, "layers"):
+        raise SystemExit("bench_limit: cannot find the decoder layers of this model")
+    return m
+
+
+def matmul_rate(shapes: list[tuple[int, int]], rows: int, seconds: float = 1.5) -> float:
+    """Sustained fp32 FLOP/s of torch.mm over the given (in, out) weight shapes for `rows` input rows."""
+    import torch
+
+    mats = [(torch.randn(rows, i), torch.randn(i, o)) for i, o in shapes]
+    for a, b in mats:  # warm-up
+        torch.mm(a, b)
+    flops, t0 = 0.0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for a, b in mats:
+            torch.mm(a, b)
+            flops += 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
+    return flops / (time.perf_counter() - t0)
+
+
+def run(args) -> dict:
+    import optuna
+    import torch
+    import transformers
+
+    from heretic_dist.config import PromptSetSpec, Settings
+    from heretic_dist.engine.ablation import directions_from_sums
+    from heretic_dist.engine.engine import Engine
+    from heretic_dist.engine.types import Shard
+    from heretic_dist.prompts import load_prompt_set
+    from heretic_dist.search.space import SearchSpace, decode_trial_params
+
+    transformers.logging.set_verbosity_error()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    torch.set_grad_enabled(False)
+    gguf = par.model_gguf(args.model)
+    specs = {k: PromptSetSpec(dataset=path, split=split) for k, (path, split) in par.prompt_sets(args).items()}
+    settings = Settings(model=str(gguf), dtypes=["float32"], device_map="cpu", batch_size=args.batch_size,
+                        max_response_length=args.max_response_length, n_trials=args.trials,
+                        n_startup_trials=args.trials, seed=args.seed, **specs)
+    sets = {k: load_prompt_set(spec, settings.system_prompt, label=k) for k, spec in specs.items()}
+    engine = Engine(settings)
+    engine.set_response_prefix(engine.detect_response_prefix(sets["good_prompts"] + sets["bad_prompts"]))
+    gs, gn = engine.residual_sums(sets["good_prompts"])
+    bs, bn = engine.residual_sums(sets["bad_prompts"])
+    engine.set_directions(directions_from_sums(gs, gn, bs, bn, settings.orthogonalize_direction))
+    engine.set_eval_prompts(sets["good_evaluation_prompts"], sets["bad_evaluation_prompts"])
+    engine.run_trial(None, Shard())  # the base model's reference log-probs, computed once per run
+    info = engine.info()
+    config = engine.loaded.model.config
+    n_heads, head_dim = config.num_attention_heads, getattr(config, "head_dim", None) or (
+        config.hidden_size // config.num_attention_heads)
+    counter = WorkCounter(engine.model, n_heads, head_dim, info["n_layers"])
+    _phase_wrappers(engine, counter)
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(args.seed))
+    space = SearchSpace(info["n_layers"], settings.allow_mlp_off, tuple(info["components"]))
+    trials = []
+    for _ in range(args.trials):
+        trial = study.ask()
+        params = decode_trial_params(space(trial), info["n_layers"], settings.allow_mlp_off)
+        before = {p: counter.flops[p] for p in PHASES}
+        t = time.perf_counter()
+        result = engine.run_trial(params, Shard())
+        seconds = time.perf_counter() - t
+        trials.append({"seconds": seconds, **result.timings, "refusals": result.refusals,
+                       "flops": {p: counter.flops[p] - before[p] for p in PHASES}})
+        study.tell(trial, [float(result.refusals), result.kl_sum])
+    counter.close()
+    # the layer's own weights; LoRA factors (rank-wide) are counted in the FLOPs but would drag the rate down
+    linear_shapes = sorted({(m.in_features, m.out_features) for m in _decoder(engine.model).layers[0].modules()
+                            if isinstance(m, torch.nn.Linear) and min(m.in_features, m.out_features) >= 64})
+    return {"trials": trials, "counter": counter, "shapes": linear_shapes, "threads": torch.get_num_threads(),
+            "model": gguf.name, "n_layers": info["n_layers"]}
+
+
+def _phase_wrappers(engine, counter: WorkCounter) -> None:
+    """Set the counter's phase while the engine runs its KL pass and its refusal generation."""
+    for name, phase in (("logprobs", "kl"), ("count_refusals", "refusal_prefill")):
+        original = getattr(engine, name)
+
+        def wrapped(*a, _original=original, _phase=phase, **kw):
+            counter.phase, counter.call_phase = _phase, None
+            try:
+                return _original(*a, **kw)
+            finally:
+                counter.phase = counter.call_phase = None
+
+        setattr(engine, name, wrapped)
+
+
+def report(facts: dict) -> list[str]:
+    c, trials = facts["counter"], facts["trials"]
+    n = len(trials)
+    prefill_rows = int(statistics.median([r for r in c.row_shapes["kl"] + c.row_shapes["refusal_prefill"]] or [1]))
+    decode_rows = int(statistics.median(c.row_shapes["decode"] or [1]))
+    peak = matmul_rate(facts["shapes"], prefill_rows)
+    decode_rate = matmul_rate(facts["shapes"], decode_rows)
+    lines = [f"model {facts['model']}, {facts['n_layers']} layers, float32, torch threads {facts['threads']}; "
+             f"{n} trials with random parameters (seeded)",
+             f"fp32 matmul rate at the layers' Linear shapes {facts['shapes']}:",
+             f"  {prefill_rows} rows (median prefill call): {peak / 1e9:.1f} GFLOP/s  <- the compute limit below",
+             f"  {decode_rows} rows (median decode step):  {decode_rate / 1e9:.1f} GFLOP/s", "",
+             f"per trial (mean of {n}):  {'GFLOP':>8} {'attn':>6} {'rows':>7} {'real':>7} {'calls':>6} "
+             f"{'limit s':>8} {'ours s':>7} {'ours/limit':>10}"]
+    ours = {"kl": statistics.mean(t["kl_s"] for t in trials),
+            "generation": statistics.mean(t["generation_s"] for t in trials)}
+    limit_total = 0.0
+    for phase in PHASES:
+        flops = statistics.mean(t["flops"][phase] for t in trials)
+        limit = flops / peak
+        limit_total += limit
+        mine = ours["kl"] if phase == "kl" else None
+        lines.append(f"  {phase:<22} {flops / 1e9:8.2f} {c.attn_flops[phase] / n / 1e9:6.2f} {c.rows[phase] // n:7d} "
+                     f"{c.real_rows[phase] // n:7d} {c.calls[phase] // n:6d} {limit:8.3f} "
+                     + (f"{mine:7.3f} {mine / limit:10.2f}" if mine else f"{'':7} {'':10}"))
+    gen_flops = statistics.mean(t["flops"]["refusal_prefill"] + t["flops"]["decode"] for t in trials)
+    gen_limit = gen_flops / peak
+    lines.append(f"  {'generation (prefill+decode)':<22} {gen_flops / 1e9:8.2f} {'':6} {'':7} {'':7} {'':6} "
+                 f"{gen_limit:8.3f} {ours['generation']:7.3f} {ours['generation'] / gen_limit:10.2f}")
+    decode_flops = statistics.mean(t["flops"]["decode"] for t in trials)
+    lines.append(f"  decode steps at their own row count's rate: {decode_flops / decode_rate:.3f} s "
+                 f"(memory-bound shape: the realistic floor for that phase)")
+    whole = statistics.mean(t["seconds"] for t in trials)
+    lines += ["", f"trial (edit + KL + generation): ours {whole:.3f} s, compute limit {limit_total:.3f} s: "
+              f"ours / limit = {whole / limit_total:.2f} (edit {statistics.mean(t['edit_s'] for t in trials):.3f} s)"]
+    return lines
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=["bench", "smollm2"], default="bench")
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--good-dir", type=int, default=24)
+    p.add_argument("--bad-dir", type=int, default=24)
+    p.add_argument("--good-eval", type=int, default=20)
+    p.add_argument("--bad-eval", type=int, default=20)
+    p.add_argument("--max-response-length", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--max-load", type=float, default=1.0)
+    p.add_argument("--wait", type=float, default=300)
+    p.add_argument("--record", action="store_true")
+    args = p.parse_args()
+    command = "python scripts/bench_limit.py " + shlex.join(sys.argv[1:])
+    _, quiet = bd.wait_for_quiet(args.max_load, args.wait)
+    before, date = bd.load_text(), bd.now_utc()
+    facts = run(args)
+    lines = report(facts)
+    after = bd.load_text()
+    text = "\n".join([f"before: {before}{'' if quiet else ' (NOT quiet)'}; after: {after}", ""] + lines)
+    print(f"$ {command}\n{text}")
+    if args.record:
+        bd.write_section("bench_limit", "\n".join([
+            "## A trial next to this CPU's compute limit", "",
+            "What: our Engine in one process on the benchmark model with the benchmark settings; forward hooks "
+            "count each trial's FLOPs (every Linear as called, attention products per decoder call) per phase; "
+            "the limit is those FLOPs at the fp32 matmul rate this CPU sustains at the model's Linear shapes "
+            "(definitions in the script's docstring).", "",
+            f"- Machine: {bd.machine()}", f"- Command: `{command}`", f"- Date: {date}", "",
+            "```", text, "```"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
