@@ -41,7 +41,7 @@ fake_hold_file = "{hold}"
 @pytest.fixture(scope="module")
 def cluster():
     missing = missing_dashboard_modules()
-    if missing:  # the job server is part of Ray's dashboard: `ray[default]` (in the dev extra)
+    if missing:  # the job server is part of Ray's dashboard: `ray[default]` (not in the dev extra: see pyproject)
         pytest.skip(f"Ray's job server needs ray[default]; missing: {', '.join(missing)}")
     c = LocalCluster()
     try:
