@@ -22,15 +22,16 @@ PROJECT = "heretic-dist"  # the repository itself travels
 
 
 def _hide(hidden: set[str]) -> None:
-    """Make the hidden top-level names absent: `import` fails, and importlib.util.find_spec (transformers'
-    availability checks) answers None. Each real meta-path finder is wrapped to answer None for them."""
+    """Make the hidden names absent (top-level names, and `top.sub` inside a namespace package): `import`
+    fails, and importlib.util.find_spec (transformers' availability checks) answers None. Each real
+    meta-path finder is wrapped to answer None for them."""
 
     class Hiding:
         def __init__(self, inner):
             self.inner = inner
 
         def find_spec(self, name, path=None, target=None):
-            if name.partition(".")[0] in hidden:
+            if name.partition(".")[0] in hidden or ".".join(name.split(".")[:2]) in hidden:
                 return None
             find = getattr(self.inner, "find_spec", None)
             return find(name, path, target) if find else None
@@ -77,7 +78,9 @@ def allowed_here() -> set[str]:
 
 
 def install_hider(allowed: set[str]) -> list[str]:
-    """Hide the top-level modules of every installed distribution outside `allowed`."""
+    """Hide the top-level modules of every installed distribution outside `allowed`, and inside a
+    namespace package shared with an allowed one (`google`: protobuf) the subpackages of the others
+    (google.auth, google.api_core: what ray[default]'s opencensus brings)."""
     by_module = importlib.metadata.packages_distributions()
     hidden = set()
     for module, dists in by_module.items():
@@ -85,17 +88,69 @@ def install_hider(allowed: set[str]) -> list[str]:
             continue
         if not {normalize(d) for d in dists} & allowed:
             hidden.add(module)
+    _, subpackages = namespace_files(shared_top_levels(by_module))
+    hidden |= {sub for sub, dists in subpackages.items()
+               if sub.partition(".")[0] not in hidden and sub not in sys.modules and not dists & allowed}
     _hide(hidden)
     return sorted(hidden)
 
 
+def shared_top_levels(by_module: dict[str, list[str]]) -> dict[str, set[str]]:
+    """Top-level names that several distributions install into, with those distributions: namespace
+    packages (`google`: protobuf, google-auth, googleapis-common-protos, ...; `opentelemetry`)."""
+    shared = {top: {normalize(d) for d in dists} for top, dists in by_module.items()}
+    return {top: dists for top, dists in shared.items() if len(dists) > 1}
+
+
+def namespace_files(shared: dict[str, set[str]]) -> tuple[dict[str, str], dict[str, set[str]]]:
+    """For the names in `shared`, from the distributions' file lists: resolved file -> its distribution,
+    and `top.sub` -> the distributions that install it. The name `google` says nothing about who
+    installed a module imported from it: google.protobuf is protobuf's, google.auth google-auth's."""
+    wanted = set().union(*shared.values()) if shared else set()
+    files: dict[str, str] = {}
+    subpackages: dict[str, set[str]] = {}
+    for dist in importlib.metadata.distributions():
+        name = normalize(dist.metadata["Name"] or "")
+        if name not in wanted:
+            continue
+        for file in dist.files or ():
+            parts = file.parts
+            if len(parts) < 2 or name not in shared.get(parts[0], ()):
+                continue
+            files[str(Path(dist.locate_file(file)).resolve())] = name
+            sub = parts[1].split(".")[0]
+            if sub not in ("", "__init__", "__pycache__"):
+                subpackages.setdefault(f"{parts[0]}.{sub}", set()).add(name)
+    return files, subpackages
+
+
+def _shared_owners(module, files: dict[str, str], dists: set[str]) -> set[str]:
+    """The distribution of a module under a shared top-level name, by its file; none for the namespace
+    itself (no file, nothing installed it); all of `dists` for a file that no file list names."""
+    file = getattr(module, "__file__", None)
+    if not file:
+        return set()
+    owner = files.get(str(Path(file).resolve()))
+    return {owner} if owner else dists
+
+
 def imported_distributions() -> dict[str, list[str]]:
-    """The distributions behind the top-level modules imported so far; modules of none: 'stdlib',
-    'repository' (heretic_dist, scripts, tests) or 'unknown'."""
+    """The distributions behind the top-level modules imported so far (inside a namespace package, by
+    each imported module's file); modules of none: 'stdlib', 'repository' (heretic_dist, scripts,
+    tests) or 'unknown'."""
     by_module = importlib.metadata.packages_distributions()
+    shared = shared_top_levels(by_module)
+    files, _ = namespace_files(shared)
     found: dict[str, set[str]] = {}
     for name, module in list(sys.modules.items()):
-        if "." in name or module is None:
+        if module is None:
+            continue
+        top = name.partition(".")[0]
+        if top in shared:
+            for d in _shared_owners(module, files, shared[top]):
+                found.setdefault(d, set()).add(".".join(name.split(".")[:2]))
+            continue
+        if "." in name:
             continue
         dists = by_module.get(name)
         if dists:

@@ -49,7 +49,20 @@ def is_loopback(address: str) -> bool:
 
 
 def missing_dashboard_modules() -> list[str]:
-    return [name for name in DASHBOARD_MODULES if importlib.util.find_spec(name) is None]
+    return [name for name in DASHBOARD_MODULES if not _importable(name)]
+
+
+def _importable(name: str) -> bool:
+    """Whether `import name` would find the module, without importing it. A module already imported
+    counts as found without asking importlib: `colorful` (imported by ray's CLI logger whenever it is
+    installed) replaces its own sys.modules entry with an object whose __spec__ is None, and
+    importlib.util.find_spec then raises ValueError ("colorful.__spec__ is None") instead of answering."""
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 class LocalCluster:
@@ -64,6 +77,7 @@ class LocalCluster:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard_url = ""
+        self.agent_port = 0  # the head's dashboard agent (HTTP): the job server hands jobs to it
         self.temp_dir = ""
         self.procs: list[subprocess.Popen] = []
         self.killed = 0
@@ -86,9 +100,13 @@ class LocalCluster:
             self.temp_dir = tempfile.mkdtemp(prefix="hdray-", dir="/tmp")
             args.append(f"--temp-dir={self.temp_dir}")
         if dashboard:
-            port = free_port()
+            port, self.agent_port = free_port(), free_port()
             self.dashboard_url = f"http://127.0.0.1:{port}"
-            args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={port}"]
+            # the agent's own port: Ray's default (52365) is one per machine, and any other Ray node here
+            # (another test's, another user's) holding it leaves this head's agent without HTTP, so that
+            # every `ray job submit` fails with "No available agent to submit job"
+            args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={port}",
+                     f"--dashboard-agent-listen-port={self.agent_port}"]
         else:
             args.append("--include-dashboard=false")
         self._start(*args)
@@ -131,7 +149,8 @@ class LocalCluster:
 
     def wait_for_dashboard(self, timeout_s: float = 60) -> None:
         """Until the dashboard answers HTTP (any status: with token authentication on, a request without
-        the token is refused, which still says that the server is up)."""
+        the token is refused, which still says that the server is up), then until the head's dashboard
+        agent listens."""
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -139,10 +158,18 @@ class LocalCluster:
                 opener.open(self.dashboard_url + "/api/version", timeout=2).read()
                 return
             except urllib.error.HTTPError:
-                return
+                break
             except OSError:
                 time.sleep(0.5)
-        raise AssertionError(f"the dashboard at {self.dashboard_url} did not answer")
+        else:
+            raise AssertionError(f"the dashboard at {self.dashboard_url} did not answer")
+        # the job server hands a submission to the head's agent, which starts after the dashboard; a
+        # submission while it is not listening yet waits 10 s and fails
+        while time.monotonic() < deadline:
+            if any(port == self.agent_port for _, _, port in listening_sockets(self.procs[0].pid)):
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"the head's dashboard agent did not listen on port {self.agent_port}")
 
     def ray(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         """The `ray` CLI (`ray job submit ...`) with this cluster's environment."""

@@ -3,6 +3,8 @@ wheel folder's size check holds the 64 MiB budget (no GPU anywhere here)."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -81,3 +83,49 @@ def test_missing_wheel_is_reported(tmp_path):
     assert not ok and any(line.startswith("MISSING pydantic==") for line in lines)
     assert wheels.requirements(1) == ["pydantic==2.14.4", "bitsandbytes==0.50.2"]
     assert "deepspeed==0.19.8" in wheels.requirements(2)
+
+
+def _fake_dist(site: Path, name: str, files: dict[str, str]) -> None:
+    info = site / f"{name}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    for rel, text in files.items():
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site / rel).write_text(text)
+    (info / "RECORD").write_text("".join(f"{rel},,\n" for rel in files))
+
+
+def _forget(top: str) -> None:
+    for name in [n for n in sys.modules if n.partition(".")[0] == top]:
+        del sys.modules[name]
+
+
+def test_namespace_package_modules_count_for_the_distribution_that_installed_them(tmp_path, monkeypatch):
+    """`google` is protobuf's and (with ray[default]) google-auth's too: an imported google.protobuf is
+    protobuf alone, and google-auth's subpackages are hidden when only protobuf is allowed."""
+    import gpu_check_dry as dry
+
+    site = tmp_path / "site"
+    _fake_dist(site, "hdns-image", {"hdns/kept/__init__.py": "X = 1\n"})
+    _fake_dist(site, "hdns-extra", {"hdns/extra/__init__.py": "", "hdns/extra/more.py": ""})
+    monkeypatch.syspath_prepend(str(site))
+    shared = dry.shared_top_levels(importlib.metadata.packages_distributions())
+    assert shared["hdns"] == {"hdns-image", "hdns-extra"}
+    files, subpackages = dry.namespace_files(shared)
+    assert subpackages["hdns.kept"] == {"hdns-image"} and subpackages["hdns.extra"] == {"hdns-extra"}
+    try:
+        import hdns.kept  # noqa: F401
+        used = dry.imported_distributions()
+    finally:
+        _forget("hdns")
+    assert used["hdns-image"] == ["hdns.kept"] and "hdns-extra" not in used
+    assert dry._shared_owners(dry, files, {"a", "b"}) == {"a", "b"}  # a file that no file list names
+    saved = sys.meta_path[:]
+    try:
+        hidden = dry.install_hider({"hdns-image"})
+        found = {name: importlib.util.find_spec(name) is not None for name in ("hdns.kept", "hdns.extra")}
+    finally:
+        sys.meta_path[:] = saved
+        _forget("hdns")  # find_spec of a submodule imports its parent
+    assert "hdns.extra" in hidden and "hdns" not in hidden and "hdns.kept" not in hidden
+    assert found == {"hdns.kept": True, "hdns.extra": False}
