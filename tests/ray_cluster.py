@@ -190,3 +190,11 @@ class LocalCluster:
             proc.wait(timeout=60)
         if self.temp_dir:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def drain_node(self, node_id: str, deadline_s: int) -> None:
+        """`ray drain-node` for a spot preemption: what KubeRay and Ray's autoscaler send before a node
+        goes away (the node is not killed by it; Ray ends it once nothing runs on it)."""
+        done = self.ray("drain-node", "--address", self.address, "--node-id", node_id, "--reason",
+                        "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot preemption (test)",
+                        "--deadline-remaining-seconds", str(deadline_s), timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]

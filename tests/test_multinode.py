@@ -57,6 +57,36 @@ def _trial_records(run_dir: Path) -> list:
     return open_study(str(run_dir / st.JOURNAL), manifest["run_id"]).trials
 
 
+def finished_run(proc: subprocess.Popen, reader, lines: list[str], tmp_path: Path, n: int) -> tuple[str, list]:
+    """The ended run's output and trial records, once it is checked to have ended well: exit 0, exactly
+    n trials and all COMPLETE (none failed, none told twice), no traceback or raw Ray log in the output."""
+    reader.join(timeout=10)
+    out = "".join(lines)
+    (tmp_path / "run-output.txt").write_text(out)  # for a look after a failure
+    assert proc.returncode == 0, out[-3000:]
+    trials = _trial_records(tmp_path / "run")
+    assert len(trials) == n and all(t.state.name == "COMPLETE" for t in trials), out[-3000:]
+    assert "Traceback" not in out and "(raylet)" not in out, out[-3000:]
+    return out, trials
+
+
+POOL_STATS = """
+import json, ray
+ray.init(address={address!r}, log_to_driver=False)
+found = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("heretic-pool-")]
+stats = ray.get(ray.get_actor(found[0]["name"], namespace=found[0]["namespace"]).stats.remote()) if found else {{}}
+print("STATS " + json.dumps(stats))
+"""
+
+
+def pool_stats(cluster: LocalCluster) -> dict:
+    """The run's WorkerBroker stats (workers loaded, pending, waiting), asked from another driver."""
+    done = subprocess.run([sys.executable, "-c", POOL_STATS.format(address=cluster.address)], capture_output=True,
+                          text=True, env=cluster.env, timeout=120)
+    found = [x for x in done.stdout.splitlines() if x.startswith("STATS ")]
+    return json.loads(found[0].removeprefix("STATS ")) if found else {}
+
+
 def test_two_node_losses_with_fresh_nodes_joining_lose_no_trial(tmp_path: Path, cluster: LocalCluster):
     """SIGKILL of a worker node's raylet mid-trial, twice, a fresh node joining after each: every
     trial completes once, each lost worker is replaced, and the fresh nodes serve trials."""
@@ -64,7 +94,9 @@ def test_two_node_losses_with_fresh_nodes_joining_lose_no_trial(tmp_path: Path, 
 
     cluster.start_head()  # 1 CPU: the driver's node, one model worker
     cluster.add_node()  # 1 CPU: the second worker
-    config = CONFIG.replace("n_trials = 10", "n_trials = 28") + "[engine_options]\nfake_trial_seconds = 2.0\n"
+    hold = tmp_path / "hold"
+    config = (CONFIG.replace("n_trials = 10", "n_trials = 28")
+              + f'[engine_options]\nfake_trial_seconds = 2.0\nfake_hold_file = "{hold}"\n')
     (tmp_path / "run.toml").write_text(config)
     proc = subprocess.Popen([sys.executable, "-m", "heretic_dist", "run", "run.toml", "--run-dir", "run",
                              "--address", cluster.address], cwd=tmp_path, env=dict(cluster.env, PYTHONUNBUFFERED="1"),
@@ -91,16 +123,17 @@ def test_two_node_losses_with_fresh_nodes_joining_lose_no_trial(tmp_path: Path, 
         assert proc.poll() is None, "the run ended before the node loss: " + "".join(lines)[-2000:]
         cluster.kill_node(len(cluster.procs) - 1)
         time.sleep(2)
-        cluster.add_node(node_ip=fresh_ip)
+        hold.touch()  # the trials in flight wait until the replacement has joined, however slow its start
+        try:
+            cluster.add_node(node_ip=fresh_ip)
+            replacement = f"w{2 if fresh_ip.endswith('.2') else 3}"
+            deadline = time.monotonic() + 300
+            while replacement not in pool_stats(cluster).get("nodes", {}) and time.monotonic() < deadline:
+                time.sleep(0.5)
+        finally:
+            hold.unlink()
     proc.wait(timeout=600)
-    reader.join(timeout=10)
-    out = "".join(lines)
-    (tmp_path / "run-output.txt").write_text(out)  # for a look after a failure
-    assert proc.returncode == 0, out[-3000:]
-    trials = _trial_records(tmp_path / "run")
-    states = [t.state.name for t in trials]
-    assert states.count("COMPLETE") == 28 and "FAIL" not in states, out[-3000:]
-    assert "Traceback" not in out and "(raylet)" not in out, out[-3000:]
+    out, trials = finished_run(proc, reader, lines, tmp_path, 28)
     assert "4 model loads (2 replacements)" in out, out[-1500:]
     workers = {w for t in trials if t.state.name == "COMPLETE" for w in t.user_attrs["worker_ids"]}
     assert {"w2", "w3"} <= workers, workers  # the replacements on the fresh nodes served trials
@@ -120,23 +153,6 @@ FAST_NODE_DEATH = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_chec
                    "RAY_health_check_failure_threshold": "3"}
 NO_ROOM = re.compile(r"^worker (w1|w2) lost with its node; its replacement w3 waits for a node with 1 CPU "
                      r"\(the run goes on with 2 workers\)$")
-POOL_STATS = """
-import json, ray
-ray.init(address={address!r}, log_to_driver=False)
-found = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("heretic-pool-")]
-stats = ray.get(ray.get_actor(found[0]["name"], namespace=found[0]["namespace"]).stats.remote()) if found else {{}}
-print("STATS " + json.dumps(stats))
-"""
-
-
-def pool_stats(cluster: LocalCluster) -> dict:
-    """The run's WorkerBroker stats (workers loaded, pending, waiting), asked from another driver."""
-    done = subprocess.run([sys.executable, "-c", POOL_STATS.format(address=cluster.address)], capture_output=True,
-                          text=True, env=cluster.env, timeout=120)
-    found = [x for x in done.stdout.splitlines() if x.startswith("STATS ")]
-    return json.loads(found[0].removeprefix("STATS ")) if found else {}
-
-
 def test_elastic_start_then_a_node_loss_with_no_room_left(tmp_path: Path, cluster: LocalCluster):
     """--workers 3 --min-workers 1 on a one-node cluster: trials start and finish before the two other
     nodes exist; the workers that wait for them join once the nodes come and serve trials. Then one of
@@ -186,14 +202,7 @@ def test_elastic_start_then_a_node_loss_with_no_room_left(tmp_path: Path, cluste
         hold.unlink(missing_ok=True)
         if proc.poll() is None:
             proc.kill()
-    reader.join(timeout=10)
-    out = "".join(lines)
-    (tmp_path / "run-output.txt").write_text(out)  # for a look after a failure
-    assert proc.returncode == 0, out[-3000:]
-    trials = _trial_records(tmp_path / "run")
-    states = [t.state.name for t in trials]
-    assert states.count("COMPLETE") == n and "FAIL" not in states, out[-3000:]
-    assert "Traceback" not in out and "(raylet)" not in out, out[-3000:]
+    out, trials = finished_run(proc, reader, lines, tmp_path, n)
     # elastic start: 1 of 3 workers ready, trials done before the other nodes existed, then all 3 served
     assert "1 of 3 workers ready (2 pending" in out and "; workers 1 ready, 2 pending" in out, out[-3000:]
     assert len([t for t in trials if t.datetime_complete.timestamp() < t_add]) >= 2
@@ -210,3 +219,110 @@ def test_elastic_start_then_a_node_loss_with_no_room_left(tmp_path: Path, cluste
     pool = json.loads((tmp_path / "run" / st.RUN_INFO).read_text())["pool"]
     assert pool["pending"] == ["w3"] and len(pool["ready"]) == 2 and len(set(pool["ready"].values())) == 2, pool
     assert re.match(r"workers: 2 ready \(node \w+: w\d; node \w+: w\d\), 1 pending \(w3\)", workers_line(pool))
+
+
+def test_drain_of_a_busy_node_for_preemption_loses_no_trial(tmp_path: Path, cluster: LocalCluster):
+    """`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION` of the node whose worker is busy: that
+    worker gets no new lease, finishes the shard it runs, then leaves (so its node, with nothing left
+    on it, ends well before the deadline); its replacement starts on the spare node at once and serves
+    the rest of the run. No trial is lost, failed or run twice."""
+    import threading
+
+    n = 12
+    hold = tmp_path / "hold"
+    cluster.start_head()  # 1 CPU: the driver's node, worker w0
+    cluster.add_node(node_ip="127.0.0.2")  # 1 CPU: worker w1, the node that will be drained
+    config = CONFIG.replace("n_trials = 10", f"n_trials = {n}")
+    (tmp_path / "run.toml").write_text(config + f'[engine_options]\nfake_trial_seconds = 0.5\nfake_hold_file = "{hold}"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "heretic_dist", "run", "run.toml", "--run-dir", "run",
+                             "--address", cluster.address], cwd=tmp_path, env=dict(cluster.env, PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+
+    def wait_until(ready, what: str, timeout_s: float = 180) -> None:
+        deadline = time.monotonic() + timeout_s
+        while proc.poll() is None and time.monotonic() < deadline:
+            if ready():
+                return
+            time.sleep(0.5)
+        assert ready(), f"{what}: not in time; " + "".join(lines)[-3000:]
+
+    try:
+        wait_until(lambda: {"w0", "w1"} <= served(tmp_path / "run"), "both workers served a trial")
+        hold.touch()  # from here the trials in flight wait: w1 is busy when its node is drained
+        cluster.add_node(node_ip="127.0.0.3")  # the spare node, where the replacement goes
+        drained_node = next(x["id"] for x in cluster.nodes() if x["ip"] == "127.0.0.2" and x["alive"])
+        t_drain = time.time()
+        cluster.drain_node(drained_node, deadline_s=120)
+        wait_until(lambda: any("is being drained: worker w1 leaves once its shard is done" in x for x in lines),
+                   "the drain was noticed")
+        # the replacement loads on the spare node while w1 still runs its shard
+        wait_until(lambda: "w2" in pool_stats(cluster).get("nodes", {}), "the replacement joined")
+        hold.unlink()
+        # w1 finishes its shard and ends; with nothing left on it, Ray ends the node long before the deadline
+        wait_until(lambda: not any(x["alive"] for x in cluster.nodes() if x["id"] == drained_node),
+                   "the drained node ended", timeout_s=90)
+        t_gone = time.time()
+        proc.wait(timeout=240)
+    finally:
+        hold.unlink(missing_ok=True)
+        if proc.poll() is None:
+            proc.kill()
+    out, trials = finished_run(proc, reader, lines, tmp_path, n)
+    assert t_gone - t_drain < 90  # the node went away because its worker left, not at the deadline
+    assert "3 model loads (1 replacements)" in out, out[-1500:]
+    # no trial that started after the drain was seen ran on w1; its replacement w2 served trials
+    noticed = t_drain + 2 * 2.0 + 1  # two polls of the broker (nodes.DRAIN_POLL_S) and a margin
+    late = [t for t in trials if t.datetime_start.timestamp() > noticed]
+    assert late and all("w1" not in t.user_attrs["worker_ids"] for t in late), out[-3000:]
+    assert "w2" in {w for t in trials for w in t.user_attrs["worker_ids"]}
+    assert "waits for a node" not in out, out[-3000:]  # the spare node had room for it
+    assert "w2" in json.loads((tmp_path / "run" / st.RUN_INFO).read_text())["pool"]["ready"]
+
+
+IDLE_POOL = """
+import json, sys, time, ray
+ray.init(address={address!r}, log_to_driver=False)
+from heretic_dist.distributed.pool import WorkerPool
+with WorkerPool("fake", {{}}, n_workers=2, cpus_per_worker=1.0) as pool:
+    print("NODES " + json.dumps(pool.stats()["nodes"]), flush=True)
+    deadline = time.time() + 150
+    while time.time() < deadline:
+        stats = pool.stats()
+        if stats["drained"] and len(stats["nodes"]) == 2:
+            break
+        time.sleep(0.2)
+    print("STATS " + json.dumps(stats), flush=True)
+"""
+
+
+def test_an_idle_worker_on_a_drained_node_leaves_at_once(cluster: LocalCluster):
+    """No lease out: the drained node's worker leaves within a poll of the broker, its replacement
+    joins on the spare node, and the drained node, left with nothing on it, ends by itself."""
+    cluster.start_head()
+    cluster.add_node(node_ip="127.0.0.2")
+    proc = subprocess.Popen([sys.executable, "-c", IDLE_POOL.format(address=cluster.address)], env=cluster.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        first = json.loads(proc.stdout.readline().removeprefix("NODES "))
+        by_ip = {x["id"]: x["ip"] for x in cluster.nodes()}
+        (on_drained,) = [w for w, node in first.items() if by_ip[node] == "127.0.0.2"]
+        cluster.add_node(node_ip="127.0.0.3")
+        t_drain = time.monotonic()
+        cluster.drain_node(first[on_drained], deadline_s=300)
+        stats = json.loads(proc.stdout.readline().removeprefix("STATS "))
+        t_left = time.monotonic()
+        while time.monotonic() - t_left < 60 and any(x["alive"] for x in cluster.nodes() if x["id"] == first[on_drained]):
+            time.sleep(1)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert [d["worker_id"] for d in stats["drained"]] == [on_drained], stats
+    (replacement,) = set(stats["nodes"]) - set(first)
+    by_ip = {x["id"]: x["ip"] for x in cluster.nodes()}
+    assert by_ip[stats["nodes"][replacement]] == "127.0.0.3" and stats["replacements"] == 1, stats
+    assert t_left - t_drain < 60, t_left - t_drain  # a poll (2 s) and a model load, not the 300 s deadline
+    assert not [x for x in cluster.nodes() if x["id"] == first[on_drained] and x["alive"]]  # the node ended

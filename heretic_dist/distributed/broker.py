@@ -19,16 +19,13 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import ray
 import tenacity
-from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, WorkerCrashedError
 
-from . import replica
-from .sizing import ranks_fit
+from . import nodes, replica
+from .pool_types import LOST_WORKER_ERRORS, PoolError, StartError, WorkerRef, id_order, short_error
 from .worker import ModelWorker
 
 if TYPE_CHECKING:
@@ -36,42 +33,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Errors that mean "the worker (or its node, or the owner of an argument) is gone", not "the engine
-# raised". ActorDiedError, ActorUnavailableError (RayActorError) and OwnerDiedError (ObjectLostError)
-# are subclasses of these.
-LOST_WORKER_ERRORS: tuple[type[BaseException], ...] = (
-    RayActorError,
-    ObjectLostError,
-    WorkerCrashedError,
-    NodeDiedError,
-)
-
-
 START_ATTEMPTS = 5  # tries of one worker start whose actor died (e.g. placed on a node that was dying)
 START_BACKOFF_S = 1.0  # the first wait before trying again; doubled each time, at most START_BACKOFF_MAX_S
 START_BACKOFF_MAX_S = 8.0
 WAIT_CHECK_S = 2.0  # how often a start that has not loaded yet looks whether it waits for a node
-NODES_TTL_S = 1.0  # ray.nodes() is asked at most this often (one GCS round trip, on the event loop)
-
-
-class PoolError(RuntimeError):
-    """The pool cannot serve a request (no workers left, a lease timed out, too many losses)."""
-
-
-class StartError(PoolError):
-    """A worker did not start. `retry`: its actor died (worth another try), not the engine's own error."""
-
-    def __init__(self, message: str, retry: bool = False):
-        super().__init__(message)
-        self.retry = retry
-
-
-@dataclass(frozen=True)
-class WorkerRef:
-    """A leased worker: its stable id (w0, w1, ...; replacements get new ids) and its actor handle."""
-
-    worker_id: str
-    actor: Any = field(compare=False, repr=False)
 
 
 class WorkerBroker:
@@ -114,7 +79,9 @@ class WorkerBroker:
         self.lost: list[dict[str, Any]] = []
         self.replacement_errors: list[str] = []
         self.tasks: set[asyncio.Task] = set()  # background starts (kept referenced until done)
-        self._nodes_seen: tuple[float, list[dict[str, Any]]] = (0.0, [])
+        self.node_view = nodes.NodeView(worker_options, self.tensor_parallel)
+        self.retiring: set[str] = set()  # workers on a drained node: no new leases, leave once idle
+        self.drained: list[dict[str, Any]] = []  # workers that left a drained node
         self.cond = asyncio.Condition()
         self.closed = False
 
@@ -145,6 +112,9 @@ class WorkerBroker:
         self.load_seconds[worker_id] = float(health["load_seconds"])
         self.hosts[worker_id] = str(health["host"])
         self.nodes[worker_id] = str(health.get("node_id", ""))
+        if self.nodes[worker_id] in self.node_view.draining:  # placed before the drain began
+            self._kill(worker_id, actor)
+            raise StartError(f"worker {worker_id} loaded on a node that is being drained", retry=True)
         return actor
 
     async def _loaded(self, worker_id: str, actor: Any) -> dict[str, Any]:
@@ -251,6 +221,8 @@ class WorkerBroker:
     async def start(self) -> list[dict[str, Any]]:
         """Start all n_workers; return once min_workers have loaded (the others join when they have)."""
         attempts = 1 if self.min_workers >= self.n_workers else START_ATTEMPTS
+        self.tasks.add(watch := asyncio.get_running_loop().create_task(self._watch_drains()))
+        watch.add_done_callback(self.tasks.discard)
         tasks = {self._background(f"w{next(self.ids)}", attempts) for _ in range(self.n_workers)}
         errors: list[BaseException] = []
         while len(self.workers) < self.min_workers:
@@ -291,9 +263,12 @@ class WorkerBroker:
     async def release(self, worker_ids: list[str]) -> None:
         async with self.cond:
             for w in worker_ids:
-                if w in self.workers and w not in self.free:
+                if w in self.workers and w not in self.free and w not in self.retiring:
                     self.free.append(w)
             self.cond.notify_all()
+        for w in worker_ids:
+            if w in self.retiring:  # its node is being drained: it leaves now that it is idle
+                await self._retire(w)
 
     async def report_lost(self, worker_id: str, reason: str = "") -> bool:
         """A caller saw a lost-worker error. Returns True if the worker was dropped and is being replaced.
@@ -304,6 +279,9 @@ class WorkerBroker:
         actor = self.workers.get(worker_id)
         if actor is None:
             return True  # already handled (reported by another caller)
+        if worker_id in self.retiring:  # drained, its node gone before it was done: already replaced
+            await self._retire(worker_id)
+            return True
         try:
             health = await asyncio.wait_for(actor.health.remote(), self.health_timeout_s)
             alive = not health.get("error")  # a replica that lost a rank answers, but cannot serve
@@ -322,11 +300,8 @@ class WorkerBroker:
                 self.free.remove(worker_id)
             self.lost.append({"worker_id": worker_id, "host": self.hosts.get(worker_id, ""),
                               "node_id": self.nodes.get(worker_id, ""), "reason": reason})
-            new_id = f"w{next(self.ids)}"
-            self.replacing[new_id] = worker_id
-            self.pending[new_id] = None  # counted as starting at once: a lease of k stays servable
+            self._start_successor(worker_id)
         self._kill(worker_id, actor)
-        self._background(new_id)
         return True
 
     # -- setup and introspection --------------------------------------------------------------------
@@ -417,8 +392,8 @@ class WorkerBroker:
             "free": len(self.free),
             "leased": [w for w in self.workers if w not in self.free],
             "starting": self.starting,
-            "pending": sorted(self.pending, key=_id_order),
-            "waiting": sorted(self.waiting, key=_id_order),
+            "pending": sorted(self.pending, key=id_order),
+            "waiting": sorted(self.waiting, key=id_order),
             "nodes": {w: self.nodes.get(w, "") for w in self.workers},
             "notices": list(self.notices),
             "replacements": self.replacements,
@@ -426,6 +401,8 @@ class WorkerBroker:
             "loads": dict(self.loads),
             "load_seconds": dict(self.load_seconds),
             "lost": list(self.lost),
+            "draining": sorted(self.retiring, key=id_order),
+            "drained": list(self.drained),
             "replacement_errors": list(self.replacement_errors),
             "setup_calls": [m for m, _ in self.setup_log],
         }
@@ -448,49 +425,68 @@ class WorkerBroker:
         for worker_id, actor in actors:
             self._kill(worker_id, actor)
 
-    # -- starts that wait for a node --------------------------------------------------------------
-
-    def _alive_nodes(self) -> list[dict[str, Any]]:
-        """ray.nodes() of the live nodes, at most once a NODES_TTL_S (many pending starts ask)."""
-        seen, nodes = self._nodes_seen
-        if time.monotonic() - seen > NODES_TTL_S:
-            with contextlib.suppress(Exception):
-                nodes = [n for n in ray.nodes() if n.get("Alive")]
-                self._nodes_seen = (time.monotonic(), nodes)
-        return nodes
-
-    def _need(self) -> dict[str, float]:
-        """What one rank takes (a replica takes it tensor_parallel times, on one node)."""
-        o = self.worker_options
-        need = {"CPU": float(o.get("num_cpus") or 0), "GPU": float(o.get("num_gpus") or 0),
-                **{k: float(v) for k, v in (o.get("resources") or {}).items()}}
-        return {k: v for k, v in need.items() if v > 0}
+    # -- nodes: starts that wait for one, nodes being drained -----------------------------------------
 
     def _note_waiting(self, worker_id: str) -> None:
         """A replacement that has not loaded yet while the live nodes hold fewer workers than the pool
         has (loaded or starting) waits for a node: say so once, in one line."""
         if worker_id in self.waiting or worker_id not in self.replacing:
             return
-        nodes = self._alive_nodes()
-        room = sum(ranks_fit(n.get("Resources", {}), self._need()) // self.tensor_parallel for n in nodes)
-        if room >= len(self.workers) + len(self.pending):
+        staying = [w for w in self.workers if w not in self.retiring]  # room() leaves drained nodes out
+        if self.node_view.room() >= len(staying) + len(self.pending):
             return  # there is room for it: it is loading
         self.waiting.add(worker_id)
         lost = self.replacing[worker_id]
-        alive = {n.get("NodeID") for n in nodes}
-        with_node = " with its node" if self.nodes.get(lost) and self.nodes[lost] not in alive else ""
-        shape = ", ".join(f"{v:g} {k}" for k, v in self._need().items()) or "no resources"
-        shape = f"{self.tensor_parallel} x ({shape})" if self.tensor_parallel > 1 else shape
+        if lost in self.retiring or any(d["worker_id"] == lost for d in self.drained):
+            what = "leaves its drained node"
+        else:
+            gone = self.nodes.get(lost) and not self.node_view.is_alive(self.nodes[lost])
+            what = "lost with its node" if gone else "lost"
         n = len(self.workers)
-        self.notices.append(f"worker {lost} lost{with_node}; its replacement {worker_id} waits for a node with "
-                            f"{shape} (the run goes on with {n} worker{'s' if n != 1 else ''})")
+        self.notices.append(f"worker {lost} {what}; its replacement {worker_id} waits for a node with "
+                            f"{self.node_view.shape()} (the run goes on with {n} worker{'s' if n != 1 else ''})")
 
+    async def _watch_drains(self) -> None:
+        """Every DRAIN_POLL_S: workers on nodes being drained get no new leases and leave once idle
+        (at once if idle now); each one's replacement starts at once, on another node."""
+        while not self.closed:
+            with contextlib.suppress(Exception):  # a failed poll: the next one
+                self.node_view.draining = await asyncio.to_thread(nodes.draining_node_ids)
+                async with self.cond:
+                    drained = [w for w in self.workers if self.nodes.get(w) in self.node_view.draining
+                               and w not in self.retiring]
+                    idle = [w for w in drained if w in self.free]
+                    for w in drained:
+                        self._start_successor(w, drained=True)
+                    self.free = [w for w in self.free if w not in idle]  # leased by nobody from now on
+                for w in idle:
+                    await self._retire(w)
+            await asyncio.sleep(nodes.DRAIN_POLL_S)
 
-def _id_order(worker_id: str) -> tuple[int, str]:
-    digits = worker_id.lstrip("w")
-    return (int(digits), worker_id) if digits.isdigit() else (1 << 30, worker_id)
+    def _start_successor(self, worker_id: str, drained: bool = False) -> str:
+        """Under the lock: a new worker in `worker_id`'s place, counted as starting at once (so a lease
+        of k stays servable). A drained worker stays until it is idle (`retiring`)."""
+        new_id = f"w{next(self.ids)}"
+        self.replacing[new_id] = worker_id
+        self.pending[new_id] = None
+        if drained:
+            self.retiring.add(worker_id)
+            node = self.nodes.get(worker_id, "")[:12]
+            when = "now (idle)" if worker_id in self.free else "once its shard is done"
+            self.notices.append(f"node {node} is being drained: worker {worker_id} leaves {when}; "
+                                f"its replacement {new_id} starts on another node")
+        self._background(new_id)
+        return new_id
 
-
-def short_error(exc: BaseException, limit: int = 600) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip()
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    async def _retire(self, worker_id: str) -> None:
+        """A drained worker that is idle (or whose node died under it) leaves the pool and ends: its
+        node then has nothing running and Ray ends it before the deadline."""
+        async with self.cond:
+            actor = self.workers.pop(worker_id, None)
+            self.retiring.discard(worker_id)
+            if worker_id in self.free:
+                self.free.remove(worker_id)
+            self.drained.append({"worker_id": worker_id, "host": self.hosts.get(worker_id, ""),
+                                 "node_id": self.nodes.get(worker_id, "")})
+            self.cond.notify_all()
+        self._kill(worker_id, actor)

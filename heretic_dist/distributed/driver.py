@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..prompts import load_prompt_set, prompt_set_hash
 from ..search.front import mark_fronts, pareto_front, trial_rows
 from ..search.objectives import reduce_partials
-from .progress import Progress, TrialUpdate
+from .progress import PoolWatch, Progress, TrialUpdate
 from .sizing import reserved, resolve_cluster
 
 if TYPE_CHECKING:
@@ -261,7 +261,7 @@ def run(settings: Settings, options: RunOptions) -> RunOutcome:
         started_ray = start_ray(cluster, *reserved(cluster))
         from ray.exceptions import RayTaskError
 
-        from .broker import PoolError
+        from .pool_types import PoolError
         from .pool import cause_text
 
         try:
@@ -401,7 +401,7 @@ def _search(ctx: RunContext):
                         on_pool=lambda stats: _write_run_info(ctx, stats, live=True))
     summary = run_search(ctx.pool, SearchSpec.from_settings(ctx.settings), journal, ctx.run_id, ctx.base[0],
                          ctx.info["n_layers"], ctx.info["components"], tune_dir, on_told=progress.told,
-                         check=ctx.lock.check if ctx.lock else None)
+                         callbacks=[PoolWatch(progress)], check=ctx.lock.check if ctx.lock else None)
     progress.pool_changed(ctx.pool.stats())  # notices that came after the last trial
     return summary
 

@@ -28,7 +28,8 @@ from ray.exceptions import GetTimeoutError, RayTaskError
 from heretic_dist.engine.types import Shard
 from heretic_dist.errors import UserError
 
-from .broker import LOST_WORKER_ERRORS, PoolError, WorkerBroker, WorkerRef, short_error
+from .broker import WorkerBroker
+from .pool_types import LOST_WORKER_ERRORS, PoolError, WorkerRef, short_error
 from .sizing import ranks_fit
 
 if TYPE_CHECKING:

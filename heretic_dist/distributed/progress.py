@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from optuna.trial import FrozenTrial, TrialState
+from ray.tune import Callback
 
 from ..errors import UserError
 from ..search.front import Point, best_point, pareto_front
@@ -56,6 +58,7 @@ class Progress:
         self.n_trials, self.complete, self.n_bad, self.run_dir = n_trials, complete, n_bad, run_dir
         self.report, self.pool_stats, self.say, self.on_pool = report, pool_stats, say, on_pool
         self.notices_said = 0
+        self._said = threading.Lock()  # tells (study thread) and PoolWatch (Tune's controller) both say
         self.pool_seen: tuple[Any, ...] | None = None
         self.points: list[Point] = list(points or [])
         self.start = time.perf_counter()
@@ -76,7 +79,7 @@ class Progress:
             self.points.append((int(a.get("refusals", 0)), float(a.get("kl", 0.0)), trial.number))
             eta = max(self.n_trials - self.complete, 0) * (time.perf_counter() - self.start) / self.done_here
         busy = workers = pending = None
-        stats = self._recent_stats()
+        stats = self.recent_stats()
         if stats is not None:
             workers, busy, pending = stats["workers"], len(stats["leased"]), stats.get("starting")
             self.pool_changed(stats)
@@ -91,10 +94,10 @@ class Progress:
         """New notices said once each; `on_pool` when the ready or pending workers changed. The driver
         calls it once more after the search (for what came after the last trial)."""
         notices = stats.get("notices", [])
-        if self.say is not None:
-            for line in notices[self.notices_said:]:
-                self.say(line)
-        self.notices_said = len(notices)
+        with self._said:
+            new, self.notices_said = notices[self.notices_said:], max(self.notices_said, len(notices))
+        for line in new if self.say is not None else []:
+            self.say(line)
         seen = (tuple(sorted(stats.get("nodes", {}).items())), tuple(stats.get("pending", [])))
         if self.on_pool is not None and seen != self.pool_seen:
             self.pool_seen = seen
@@ -104,7 +107,7 @@ class Progress:
                 log.warning("recording the pool's workers failed: %s", error)
 
 
-    def _recent_stats(self) -> dict[str, Any] | None:
+    def recent_stats(self) -> dict[str, Any] | None:
         """The pool's stats, asked at most once a second: this runs on the Tune controller's thread,
         where a Ray round trip per trial would add to every trial's overhead."""
         if self.pool_stats is None:
@@ -116,6 +119,30 @@ class Progress:
             except Exception:  # noqa: BLE001 - the display must not cost the run
                 return None
         return self._stats[1]
+
+
+class PoolWatch(Callback):
+    """Says the pool's new notices (a node being drained, a replacement waiting for a node) while
+    trials run, not only after the next tell: a trial on a large model takes minutes. Tune calls
+    on_step_end on its controller thread after every step; the pool is asked at most every `every_s`."""
+
+    def __init__(self, progress: Progress, every_s: float = 2.0):
+        self.progress: Progress | None
+        self.progress, self.every_s = progress, every_s
+        self.last = time.monotonic()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks with the experiment state; the progress (files, the pool's
+        # handle) stays in this process, and a resume makes a new watch
+        return {**self.__dict__, "progress": None}
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if self.progress is None or time.monotonic() - self.last < self.every_s:
+            return
+        self.last = time.monotonic()
+        stats = self.progress.recent_stats()
+        if stats is not None:
+            self.progress.pool_changed(stats)
 
 
 def _same(p: Point) -> Point:
