@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from ray_cluster import LocalCluster
+from ray_cluster import FAST_NODE_DEATH, LocalCluster
 
 from heretic_dist import rundir as st
 from heretic_dist.search.study import open_study
@@ -146,11 +146,6 @@ def test_two_node_losses_with_fresh_nodes_joining_lose_no_trial(tmp_path: Path, 
 
 
 
-# Ray's GCS marks a lost node dead after failed health checks: here 3, one a second (Ray's default: 5,
-# one every 3 s, the first after 5 s), so that the node loss below is noticed within seconds (a check
-# fails at once when the raylet is gone; a live one only fails it by not answering in time)
-FAST_NODE_DEATH = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",
-                   "RAY_health_check_failure_threshold": "3"}
 NO_ROOM = re.compile(r"^worker (w1|w2) lost with its node; its replacement w3 waits for a node with 1 CPU "
                      r"\(the run goes on with 2 workers\)$")
 def test_elastic_start_then_a_node_loss_with_no_room_left(tmp_path: Path, cluster: LocalCluster):
