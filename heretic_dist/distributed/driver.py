@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..prompts import load_prompt_set, prompt_set_hash
 from ..search.front import mark_fronts, pareto_front, trial_rows
 from ..search.objectives import reduce_partials
-from .progress import PoolWatch, Progress, TrialUpdate
+from .progress import Progress, TrialUpdate
 from .sizing import reserved, resolve_cluster
 
 if TYPE_CHECKING:
@@ -387,7 +387,7 @@ def _write_manifest(ctx: RunContext) -> None:
 
 def _search(ctx: RunContext):
     from ..search.study import open_study
-    from .tune import SearchSpec, run_search
+    from .tune import PoolWatch, SearchSpec, run_search
 
     ctx.run_dir.pull_journal()
     journal = str(ctx.run_dir.journal_path())

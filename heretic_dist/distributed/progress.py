@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from optuna.trial import FrozenTrial, TrialState
-from ray.tune import Callback
 
 from ..errors import UserError
 from ..search.front import Point, best_point, pareto_front
@@ -119,30 +118,6 @@ class Progress:
             except Exception:  # noqa: BLE001 - the display must not cost the run
                 return None
         return self._stats[1]
-
-
-class PoolWatch(Callback):
-    """Says the pool's new notices (a node being drained, a replacement waiting for a node) while
-    trials run, not only after the next tell: a trial on a large model takes minutes. Tune calls
-    on_step_end on its controller thread after every step; the pool is asked at most every `every_s`."""
-
-    def __init__(self, progress: Progress, every_s: float = 2.0):
-        self.progress: Progress | None
-        self.progress, self.every_s = progress, every_s
-        self.last = time.monotonic()
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Tune pickles its callbacks with the experiment state; the progress (files, the pool's
-        # handle) stays in this process, and a resume makes a new watch
-        return {**self.__dict__, "progress": None}
-
-    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-        if self.progress is None or time.monotonic() - self.last < self.every_s:
-            return
-        self.last = time.monotonic()
-        stats = self.progress.recent_stats()
-        if stats is not None:
-            self.progress.pool_changed(stats)
 
 
 def _same(p: Point) -> Point:

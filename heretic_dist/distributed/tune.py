@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+from ray.tune import Callback
 
 from heretic_dist.config import ClusterSettings, Settings
 from heretic_dist.engine.types import Shard
@@ -43,6 +44,7 @@ from .searcher import FAILED_KEY, RECORD_KEY, StudySearcher
 
 if TYPE_CHECKING:
     from .pool import WorkerPool
+    from .progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -281,3 +283,27 @@ def run_search(pool: WorkerPool, spec: SearchSpec, storage: Any, study_name: str
     summary.complete, summary.failed, _ = _counts(storage, study_name)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+class PoolWatch(Callback):
+    """Says the pool's new notices (a node being drained, a replacement waiting for a node) while
+    trials run, not only after the next tell: a trial on a large model takes minutes. Tune calls
+    on_step_end on its controller thread after every step; the pool is asked at most every `every_s`."""
+
+    def __init__(self, progress: Progress, every_s: float = 2.0):
+        self.progress: Progress | None
+        self.progress, self.every_s = progress, every_s
+        self.last = time.monotonic()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks with the experiment state; the progress (files, the pool's
+        # handle) stays in this process, and a resume makes a new watch
+        return {**self.__dict__, "progress": None}
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if self.progress is None or time.monotonic() - self.last < self.every_s:
+            return
+        self.last = time.monotonic()
+        stats = self.progress.recent_stats()
+        if stats is not None:
+            self.progress.pool_changed(stats)
