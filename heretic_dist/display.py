@@ -165,6 +165,7 @@ class RayErrorFilter:
     def __init__(self, stream: IO[str]):
         self.stream = stream
         self._last = ""
+        self._said: set[str] = set()
         self._after_ray = False  # the newline print() writes after a message of Ray's is Ray's too
 
     def write(self, text: str) -> int:
@@ -172,7 +173,8 @@ class RayErrorFilter:
 
         # Ray's log deduplicator holds some messages back and prints them at ray.shutdown(), from the
         # caller's thread: those are known by their "(raylet)" prefix
-        if threading.current_thread().name != RAY_ERROR_THREAD and not RAYLET_PREFIX.match(text):
+        from_listener = threading.current_thread().name == RAY_ERROR_THREAD
+        if not from_listener and not RAYLET_PREFIX.match(text):
             if text == "\n" and self._after_ray:
                 self._after_ray = False
                 return len(text)
@@ -189,9 +191,12 @@ class RayErrorFilter:
         if dead:
             first = f"node {dead.group(1)[:12]} ({dead.group(2)}) was marked dead: {dead.group(3)}"
         line = f"(ray) {first.removeprefix('(raylet) ')[:300]}\n"
-        if line != self._last:  # Ray says a node loss twice (raylet and GCS): once is enough
+        # Ray says a node loss twice (raylet and GCS): once is enough; what its deduplicator held back
+        # and prints at shutdown was said already when it happened
+        if line != self._last and (from_listener or line not in self._said):
             self.stream.write(line)
         self._last = line
+        self._said.add(line)
         return len(text)
 
     def __getattr__(self, name: str) -> Any:

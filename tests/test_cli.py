@@ -106,6 +106,15 @@ def test_what_rays_error_thread_prints_becomes_one_line_each():
     print(tail.rstrip("\n"), file=stream)
     print(file=stream)
     assert late.getvalue().splitlines() == [lines[0], ""]
+    # ... unless the listener said it when it happened: then that flush is not said again
+    again = io.StringIO()
+    stream = RayErrorFilter(again)
+    listener = threading.Thread(target=lambda: stream.write(tail), name=RAY_ERROR_THREAD)
+    listener.start()
+    listener.join()
+    stream.write("[4/16] trial 3: refusals 5/10\n")
+    print(tail.rstrip("\n"), file=stream)
+    assert again.getvalue().splitlines() == [lines[0], "[4/16] trial 3: refusals 5/10"]
 
 
 def test_main_called_in_process_returns_even_after_s3_was_used(tmp_path, monkeypatch):

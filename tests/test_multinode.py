@@ -321,3 +321,63 @@ def test_an_idle_worker_on_a_drained_node_leaves_at_once(cluster: LocalCluster):
     assert by_ip[stats["nodes"][replacement]] == "127.0.0.3" and stats["replacements"] == 1, stats
     assert t_left - t_drain < 60, t_left - t_drain  # a poll (2 s) and a model load, not the 300 s deadline
     assert not [x for x in cluster.nodes() if x["id"] == first[on_drained] and x["alive"]]  # the node ended
+
+
+def test_a_real_model_run_survives_a_node_loss(tmp_path: Path, cluster: LocalCluster):
+    """SmolLM2 (the real engine) on two nodes: the worker node's raylet is killed mid-run and a fresh
+    node joins; every trial completes once, the lost worker is replaced, and no trial failed."""
+    import threading
+
+    from test_gguf import smollm2_gguf
+
+    n = 6
+    cluster.env.update(FAST_NODE_DEATH)
+    cluster.start_head()
+    cluster.add_node()
+    (tmp_path / "run.toml").write_text(f"""
+model = "{smollm2_gguf()}"
+dtypes = ["float32"]
+max_response_length = 4
+batch_size = 8
+n_trials = {n}
+n_startup_trials = {n}
+seed = 5
+response_prefix = ""
+refusal_markers = ["sorry", "i can", "harm"]
+good_prompts = {{ dataset = "builtin:demo_harmless", split = "[:4]" }}
+bad_prompts = {{ dataset = "builtin:demo_harmful", split = "[:4]" }}
+good_evaluation_prompts = {{ dataset = "builtin:demo_harmless", split = "[4:12]" }}
+bad_evaluation_prompts = {{ dataset = "builtin:demo_harmful", split = "[4:12]" }}
+[cluster]
+workers = 2
+cpus_per_worker = 1
+""")
+    proc = subprocess.Popen([sys.executable, "-m", "heretic_dist", "run", "run.toml", "--run-dir", "run",
+                             "--address", cluster.address], cwd=tmp_path, env=dict(cluster.env, PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 400
+        while not any(re.match(rf"\s*\[1/{n}\]", x) for x in lines) and proc.poll() is None:
+            assert time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.2)
+        cluster.kill_node(1)  # the worker node, with its worker's trial in flight (trials take seconds)
+        time.sleep(2)
+        cluster.add_node(node_ip="127.0.0.2")
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out, trials = finished_run(proc, reader, lines, tmp_path, n)
+    # w1 was lost: on the shard it ran then, or on the next one it was leased (a dead actor fails the
+    # call at once); that shard ran again on another worker inside the same trial
+    losses = [loss for t in trials for loss in t.user_attrs.get("worker_losses", [])]
+    assert [loss["worker_id"] for loss in losses] == ["w1"], losses
+    retried = [t for t in trials if t.user_attrs.get("attempts", 1) == 2]
+    assert len(retried) == 1 and "w1" not in retried[0].user_attrs["worker_ids"], out[-2000:]
+    # its replacement w2 was started: ready, or still loading when the run ended (the fresh node's
+    # model load can take longer than the trials left)
+    pool = json.loads((tmp_path / "run" / st.RUN_INFO).read_text())["pool"]
+    assert "w2" in pool["ready"] or pool["pending"] == ["w2"], pool

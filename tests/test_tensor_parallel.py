@@ -225,7 +225,7 @@ def test_both_ranks_of_a_replica_are_placed_on_one_node():
     import json
     import subprocess
 
-    from test_multinode import LocalCluster
+    from ray_cluster import LocalCluster
 
     nodes = LocalCluster()
     try:
