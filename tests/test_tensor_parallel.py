@@ -248,3 +248,29 @@ def test_both_ranks_of_a_replica_are_placed_on_one_node():
         replica_nodes.append(ranks[0]["node"])
     assert len(set(replica_nodes)) == 2  # and the two replicas on the two nodes
     assert "no node of the cluster holds one replica of 3 ranks x (0.5 CPU, 1 GPU): the largest holds 2" in refused
+
+
+def test_a_replica_waiting_for_room_gives_its_placement_group_back_at_shutdown(cluster):
+    """2 CPUs, replicas of 2 ranks x 1 CPU, 2 workers, min_workers 1: the second replica's placement
+    group waits for a node with room. Shutting the pool down ends that wait and removes the group (it
+    used to wait on forever, a placement group request left behind in the cluster)."""
+    from ray.util import placement_group_table
+
+    from heretic_dist.config import Settings
+
+    settings = Settings(model="fake-tp", engine="fake", cluster={"workers": 2, "tensor_parallel": 2})
+    pool = WorkerPool("fake", settings, n_workers=2, cpus_per_worker=1.0, min_workers=1)
+
+    def states() -> list[str]:
+        return sorted(t["state"] for t in placement_group_table().values() if t["state"] != "REMOVED")
+
+    try:
+        stats = pool.stats()
+        assert stats["workers"] == 1 and stats["pending"] == ["w1"], stats
+        assert states() == ["CREATED", "PENDING"]  # the second replica's group waits for room
+    finally:
+        pool.shutdown()
+    deadline = time.monotonic() + 20
+    while states() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert states() == []

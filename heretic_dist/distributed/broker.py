@@ -134,13 +134,14 @@ class WorkerBroker:
         """One model worker, or rank 0 of a tensor-parallel replica whose ranks are all loaded."""
         if self.tensor_parallel <= 1:
             return self.remote_cls.remote(self.engine, self.settings, worker_id)
+        self.groups[worker_id] = group = replica.new_group(self.worker_options, self.tensor_parallel)
         try:
-            actor, group = await replica.start_replica(self.actor_cls, self.worker_options, self.tensor_parallel,
-                                                       self.engine, self.settings, worker_id)
+            return await replica.start_replica(
+                group, self.actor_cls, self.worker_options, self.engine, self.settings, worker_id,
+                on_wait=lambda: self._note_waiting(worker_id) or self.closed, check_s=WAIT_CHECK_S)
         except RuntimeError as exc:
+            self.groups.pop(worker_id, None)
             raise StartError(f"worker {worker_id} (tensor-parallel replica) failed to load: {exc}") from None
-        self.groups[worker_id] = group
-        return actor
 
     def _kill(self, worker_id: str, actor: Any) -> None:
         """End a worker, with every rank and the placement group of its replica."""

@@ -17,7 +17,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from ray.exceptions import RayTaskError
@@ -106,9 +106,10 @@ def lockstep(peers: list[Any], method: str, *args: Any, **kwargs: Any):
 class ReplicaGroup:
     """The actors and placement group of one replica (the broker keeps one per worker id)."""
 
-    def __init__(self, pg: Any, ranks: list[Any]):
+    def __init__(self, pg: Any, ranks: list[Any], world: int = 0):
         self.pg = pg
         self.ranks = ranks
+        self.world = world or len(ranks)  # ranks it has once started
 
     def kill(self) -> None:
         for actor in self.ranks:
@@ -118,17 +119,30 @@ class ReplicaGroup:
             remove_placement_group(self.pg)
 
 
-async def start_replica(actor_cls: Any, worker_options: dict[str, Any], world: int, engine: str,
-                        settings: Any, worker_id: str) -> tuple[Any, ReplicaGroup]:
-    """Place T ranks on one node, join them into one group, load the model on each, wire rank 0 to the
-    others. Returns (rank 0's handle, the group); raises on failure after cleaning up."""
+def new_group(worker_options: dict[str, Any], world: int) -> ReplicaGroup:
+    """The placement group of one replica: T bundles of one rank's resources, all on one node. The
+    broker keeps it from here on, so that a shutdown while it waits for room removes it too."""
     bundle = {"CPU": worker_options.get("num_cpus", 1.0), "GPU": worker_options.get("num_gpus", 0.0),
               **worker_options.get("resources", {})}
     bundle = {k: v for k, v in bundle.items() if v}
-    pg = placement_group([dict(bundle) for _ in range(world)], strategy="STRICT_PACK")
-    group = ReplicaGroup(pg, [])
+    return ReplicaGroup(placement_group([dict(bundle) for _ in range(world)], strategy="STRICT_PACK"), [], world)
+
+
+async def start_replica(group: ReplicaGroup, actor_cls: Any, worker_options: dict[str, Any], engine: str,
+                        settings: Any, worker_id: str, on_wait: Callable[[], bool] | None = None,
+                        check_s: float = 2.0) -> Any:
+    """Place the group's T ranks, join them into one collective group, load the model on each, wire
+    rank 0 to the others. Returns rank 0's handle; raises on failure after ending the group. While no
+    node has room for the T ranks, `on_wait()` is called every `check_s` (it says so to the user);
+    when it returns True (the pool was shut down) the start gives up."""
+    pg, world = group.pg, group.world
     try:
-        await pg.ready()
+        ready = asyncio.wrap_future(pg.ready().future())
+        while not (await asyncio.wait({ready}, timeout=check_s))[0]:
+            if on_wait is not None and on_wait():
+                ready.cancel()
+                raise RuntimeError("the pool was shut down while the replica waited for a node")
+        ready.result()
         for rank in range(world):
             strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank)
             options = {**worker_options, "scheduling_strategy": strategy}
@@ -141,7 +155,7 @@ async def start_replica(actor_cls: Any, worker_options: dict[str, Any], world: i
     except BaseException:
         group.kill()
         raise
-    return group.ranks[0], group
+    return group.ranks[0]
 
 
 async def _load_all(ranks: list[Any], address: tuple[str, int]) -> None:
