@@ -9,6 +9,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -57,17 +58,53 @@ def _trial_records(run_dir: Path) -> list:
     return open_study(str(run_dir / st.JOURNAL), manifest["run_id"]).trials
 
 
-def finished_run(proc: subprocess.Popen, reader, lines: list[str], tmp_path: Path, n: int) -> tuple[str, list]:
-    """The ended run's output and trial records, once it is checked to have ended well: exit 0, exactly
-    n trials and all COMPLETE (none failed, none told twice), no traceback or raw Ray log in the output."""
-    reader.join(timeout=10)
-    out = "".join(lines)
-    (tmp_path / "run-output.txt").write_text(out)  # for a look after a failure
-    assert proc.returncode == 0, out[-3000:]
-    trials = _trial_records(tmp_path / "run")
-    assert len(trials) == n and all(t.state.name == "COMPLETE" for t in trials), out[-3000:]
-    assert "Traceback" not in out and "(raylet)" not in out, out[-3000:]
-    return out, trials
+PROGRESS_LINE = re.compile(r"\s*\[(\d+)/\d+\]")
+
+
+class DriverRun:
+    """`heretic-dist run run.toml --run-dir run --address HEAD [extra ...]` in tmp_path against the test
+    cluster, its output collected line by line as it comes (a reader thread)."""
+
+    def __init__(self, tmp_path: Path, cluster: LocalCluster, *extra: str):
+        self.tmp_path = tmp_path
+        self.proc = subprocess.Popen([sys.executable, "-m", "heretic_dist", "run", "run.toml", "--run-dir", "run",
+                                      "--address", cluster.address, *extra], cwd=tmp_path,
+                                     env=dict(cluster.env, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self.reader.start()
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def done(self) -> int:
+        """Trials done, as the progress lines printed so far say."""
+        return max((int(m.group(1)) for x in list(self.lines) if (m := PROGRESS_LINE.match(x))), default=0)
+
+    def wait_until(self, ready, what: str, timeout_s: float = 180) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            if ready():
+                return
+            time.sleep(0.5)
+        assert ready(), f"{what}: not in time, or the run ended first; " + self.output()[-3000:]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+    def finished(self, n: int) -> tuple[str, list]:
+        """The ended run's output and trial records, once it is checked to have ended well: exit 0,
+        exactly n trials and all COMPLETE (none failed, none told twice), no traceback or raw Ray log."""
+        self.reader.join(timeout=10)
+        out = self.output()
+        (self.tmp_path / "run-output.txt").write_text(out)  # for a look after a failure
+        assert self.proc.returncode == 0, out[-3000:]
+        trials = _trial_records(self.tmp_path / "run")
+        assert len(trials) == n and all(t.state.name == "COMPLETE" for t in trials), out[-3000:]
+        assert "Traceback" not in out and "(raylet)" not in out, out[-3000:]
+        return out, trials
 
 
 POOL_STATS = """
@@ -90,37 +127,21 @@ def pool_stats(cluster: LocalCluster) -> dict:
 def test_two_node_losses_with_fresh_nodes_joining_lose_no_trial(tmp_path: Path, cluster: LocalCluster):
     """SIGKILL of a worker node's raylet mid-trial, twice, a fresh node joining after each: every
     trial completes once, each lost worker is replaced, and the fresh nodes serve trials."""
-    import threading
-
     cluster.start_head()  # 1 CPU: the driver's node, one model worker
     cluster.add_node()  # 1 CPU: the second worker
     hold = tmp_path / "hold"
     config = (CONFIG.replace("n_trials = 10", "n_trials = 28")
               + f'[engine_options]\nfake_trial_seconds = 2.0\nfake_hold_file = "{hold}"\n')
     (tmp_path / "run.toml").write_text(config)
-    proc = subprocess.Popen([sys.executable, "-m", "heretic_dist", "run", "run.toml", "--run-dir", "run",
-                             "--address", cluster.address], cwd=tmp_path, env=dict(cluster.env, PYTHONUNBUFFERED="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    progress = {"done": 0}
-    lines: list[str] = []
-
-    def read() -> None:
-        for line in proc.stdout:
-            lines.append(line)
-            found = re.match(r"\s*\[(\d+)/28\]", line)
-            if found:
-                progress["done"] = int(found.group(1))
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    steps = [("127.0.0.2", lambda: progress["done"] >= 2), ("127.0.0.3", lambda: "w2" in served(tmp_path / "run"))]
+    run = DriverRun(tmp_path, cluster)
+    steps = [("127.0.0.2", lambda: run.done() >= 2), ("127.0.0.3", lambda: "w2" in served(tmp_path / "run"))]
     for fresh_ip, ready in steps:
         # kill the newest worker node once `ready` (the second time: once the first replacement, on the
         # first fresh node, has served a trial), then a fresh node joins, on an IP of its own
         deadline = time.monotonic() + 300
-        while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        while not ready() and run.proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert proc.poll() is None, "the run ended before the node loss: " + "".join(lines)[-2000:]
+        assert run.proc.poll() is None, "the run ended before the node loss: " + run.output()[-2000:]
         cluster.kill_node(len(cluster.procs) - 1)
         time.sleep(2)
         hold.touch()  # the trials in flight wait until the replacement has joined, however slow its start
@@ -132,8 +153,8 @@ def test_two_node_losses_with_fresh_nodes_joining_lose_no_trial(tmp_path: Path, 
                 time.sleep(0.5)
         finally:
             hold.unlink()
-    proc.wait(timeout=600)
-    out, trials = finished_run(proc, reader, lines, tmp_path, 28)
+    run.proc.wait(timeout=600)
+    out, trials = run.finished(28)
     assert "4 model loads (2 replacements)" in out, out[-1500:]
     workers = {w for t in trials if t.state.name == "COMPLETE" for w in t.user_attrs["worker_ids"]}
     assert {"w2", "w3"} <= workers, workers  # the replacements on the fresh nodes served trials
@@ -154,32 +175,16 @@ def test_elastic_start_then_a_node_loss_with_no_room_left(tmp_path: Path, cluste
     those nodes is lost and no node has room for its replacement: the run goes on with the two others,
     says so in one line, and ends with every trial COMPLETE (the replacement still pending). The fake
     engine's hold file keeps trials in flight while the cluster changes, so no step races the run."""
-    import threading
-
     n = 12
     hold = tmp_path / "hold"
     cluster.env.update(FAST_NODE_DEATH)
     cluster.start_head()  # 1 CPU: the driver's node and the one worker trials start with
     config = CONFIG.replace("n_trials = 10", f"n_trials = {n}").replace("workers = 2", "workers = 3")
     (tmp_path / "run.toml").write_text(config + f'[engine_options]\nfake_trial_seconds = 0.5\nfake_hold_file = "{hold}"\n')
-    proc = subprocess.Popen([sys.executable, "-m", "heretic_dist", "run", "run.toml", "--run-dir", "run",
-                             "--address", cluster.address, "--min-workers", "1"], cwd=tmp_path,
-                            env=dict(cluster.env, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-
-    def wait_until(ready, what: str) -> None:
-        deadline = time.monotonic() + 180
-        while proc.poll() is None and time.monotonic() < deadline:
-            if ready():
-                return
-            time.sleep(0.5)
-        assert ready(), f"{what}: not before the run ended; " + "".join(lines)[-3000:]
-
+    run = DriverRun(tmp_path, cluster, "--min-workers", "1")
+    wait_until = run.wait_until
     try:
-        wait_until(lambda: any(re.match(rf"\s*\[2/{n}\]", x) for x in lines), "two trials done on one worker")
+        wait_until(lambda: any(re.match(rf"\s*\[2/{n}\]", x) for x in run.lines), "two trials done on one worker")
         hold.touch()
         t_add = time.time()  # the nodes for the two other workers do not exist yet
         cluster.add_node()
@@ -192,18 +197,17 @@ def test_elastic_start_then_a_node_loss_with_no_room_left(tmp_path: Path, cluste
         cluster.kill_node(len(cluster.procs) - 1)  # its worker (w1 or w2) is lost; no node has room left
         wait_until(lambda: pool_stats(cluster).get("waiting") == ["w3"], "the replacement waits for a node")
         hold.unlink()
-        proc.wait(timeout=240)
+        run.proc.wait(timeout=240)
     finally:
         hold.unlink(missing_ok=True)
-        if proc.poll() is None:
-            proc.kill()
-    out, trials = finished_run(proc, reader, lines, tmp_path, n)
+        run.kill()
+    out, trials = run.finished(n)
     # elastic start: 1 of 3 workers ready, trials done before the other nodes existed, then all 3 served
     assert "1 of 3 workers ready (2 pending" in out and "; workers 1 ready, 2 pending" in out, out[-3000:]
     assert len([t for t in trials if t.datetime_complete.timestamp() < t_add]) >= 2
     assert {"w0", "w1", "w2"} <= {w for t in trials if t.state.name == "COMPLETE" for w in t.user_attrs["worker_ids"]}
     # the node loss: one plain line; the trials after it ran on the two survivors
-    assert len([x for x in lines if NO_ROOM.match(x.strip())]) == 1, out[-3000:]
+    assert len([x for x in run.lines if NO_ROOM.match(x.strip())]) == 1, out[-3000:]
     after = [t for t in trials if t.datetime_start.timestamp() > t_kill]
     assert after and all("w3" not in t.user_attrs["worker_ids"] for t in after), out[-3000:]
     assert "workers at the end: 2 ready, 1 still pending (w3)" in out, out[-3000:]
@@ -221,29 +225,14 @@ def test_drain_of_a_busy_node_for_preemption_loses_no_trial(tmp_path: Path, clus
     worker gets no new lease, finishes the shard it runs, then leaves (so its node, with nothing left
     on it, ends well before the deadline); its replacement starts on the spare node at once and serves
     the rest of the run. No trial is lost, failed or run twice."""
-    import threading
-
     n = 12
     hold = tmp_path / "hold"
     cluster.start_head()  # 1 CPU: the driver's node, worker w0
     cluster.add_node(node_ip="127.0.0.2")  # 1 CPU: worker w1, the node that will be drained
     config = CONFIG.replace("n_trials = 10", f"n_trials = {n}")
     (tmp_path / "run.toml").write_text(config + f'[engine_options]\nfake_trial_seconds = 0.5\nfake_hold_file = "{hold}"\n')
-    proc = subprocess.Popen([sys.executable, "-m", "heretic_dist", "run", "run.toml", "--run-dir", "run",
-                             "--address", cluster.address], cwd=tmp_path, env=dict(cluster.env, PYTHONUNBUFFERED="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-
-    def wait_until(ready, what: str, timeout_s: float = 180) -> None:
-        deadline = time.monotonic() + timeout_s
-        while proc.poll() is None and time.monotonic() < deadline:
-            if ready():
-                return
-            time.sleep(0.5)
-        assert ready(), f"{what}: not in time; " + "".join(lines)[-3000:]
-
+    run = DriverRun(tmp_path, cluster)
+    wait_until = run.wait_until
     try:
         wait_until(lambda: {"w0", "w1"} <= served(tmp_path / "run"), "both workers served a trial")
         hold.touch()  # from here the trials in flight wait: w1 is busy when its node is drained
@@ -251,7 +240,7 @@ def test_drain_of_a_busy_node_for_preemption_loses_no_trial(tmp_path: Path, clus
         drained_node = next(x["id"] for x in cluster.nodes() if x["ip"] == "127.0.0.2" and x["alive"])
         t_drain = time.time()
         cluster.drain_node(drained_node, deadline_s=120)
-        wait_until(lambda: any("is being drained: worker w1 leaves once its shard is done" in x for x in lines),
+        wait_until(lambda: any("is being drained: worker w1 leaves once its shard is done" in x for x in run.lines),
                    "the drain was noticed")
         # the replacement loads on the spare node while w1 still runs its shard
         wait_until(lambda: "w2" in pool_stats(cluster).get("nodes", {}), "the replacement joined")
@@ -260,12 +249,11 @@ def test_drain_of_a_busy_node_for_preemption_loses_no_trial(tmp_path: Path, clus
         wait_until(lambda: not any(x["alive"] for x in cluster.nodes() if x["id"] == drained_node),
                    "the drained node ended", timeout_s=90)
         t_gone = time.time()
-        proc.wait(timeout=240)
+        run.proc.wait(timeout=240)
     finally:
         hold.unlink(missing_ok=True)
-        if proc.poll() is None:
-            proc.kill()
-    out, trials = finished_run(proc, reader, lines, tmp_path, n)
+        run.kill()
+    out, trials = run.finished(n)
     assert t_gone - t_drain < 90  # the node went away because its worker left, not at the deadline
     assert "3 model loads (1 replacements)" in out, out[-1500:]
     # no trial that started after the drain was seen ran on w1; its replacement w2 served trials
@@ -326,8 +314,6 @@ def test_an_idle_worker_on_a_drained_node_leaves_at_once(cluster: LocalCluster):
 def test_a_real_model_run_survives_a_node_loss(tmp_path: Path, cluster: LocalCluster):
     """SmolLM2 (the real engine) on two nodes: the worker node's raylet is killed mid-run and a fresh
     node joins; every trial completes once, the lost worker is replaced, and no trial failed."""
-    import threading
-
     from test_gguf import smollm2_gguf
 
     n = 6
@@ -352,25 +338,16 @@ bad_evaluation_prompts = {{ dataset = "builtin:demo_harmful", split = "[4:12]" }
 workers = 2
 cpus_per_worker = 1
 """)
-    proc = subprocess.Popen([sys.executable, "-m", "heretic_dist", "run", "run.toml", "--run-dir", "run",
-                             "--address", cluster.address], cwd=tmp_path, env=dict(cluster.env, PYTHONUNBUFFERED="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
+    run = DriverRun(tmp_path, cluster)
     try:
-        deadline = time.monotonic() + 400
-        while not any(re.match(rf"\s*\[1/{n}\]", x) for x in lines) and proc.poll() is None:
-            assert time.monotonic() < deadline, "".join(lines)[-3000:]
-            time.sleep(0.2)
+        run.wait_until(lambda: run.done() >= 1, "the first trial done", timeout_s=400)
         cluster.kill_node(1)  # the worker node, with its worker's trial in flight (trials take seconds)
         time.sleep(2)
         cluster.add_node(node_ip="127.0.0.2")
-        proc.wait(timeout=600)
+        run.proc.wait(timeout=600)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    out, trials = finished_run(proc, reader, lines, tmp_path, n)
+        run.kill()
+    out, trials = run.finished(n)
     # w1 was lost: on the shard it ran then, or on the next one it was leased (a dead actor fails the
     # call at once); that shard ran again on another worker inside the same trial
     losses = [loss for t in trials for loss in t.user_attrs.get("worker_losses", [])]
