@@ -487,3 +487,36 @@ def test_reading_parquet_rows_does_not_abort_a_process_that_imported_optuna(tmp_
     for _ in range(6):
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_read_while_the_object_is_overwritten_is_whole(s3_bucket: str, tmp_path: Path) -> None:
+    """pyarrow reads an object as a HEAD then a ranged GET; an overwrite in between used to give the new
+    object cut to the old size (the lock's heartbeat vs a reader of .lock: broken JSON, 35 of 300 reads
+    here). Every read is now one whole version."""
+    import threading
+
+    run = RunDir(f"s3://{s3_bucket}/runs/overwritten", cache_dir=tmp_path / "a")
+    run.ensure()
+    run.write_bytes(".lock", b'{"time": 0}')
+    stop = threading.Event()
+
+    def overwrite() -> None:
+        i = 0
+        while not stop.is_set():  # versions of different lengths, as the heartbeat's times and hosts give
+            run.write_bytes(".lock", json.dumps({"time": time.time(), "pad": "x" * (i % 7)}).encode())
+            i += 1
+            time.sleep(0.02)
+
+    writer = threading.Thread(target=overwrite)
+    writer.start()
+    try:
+        broken = 0
+        for _ in range(300):
+            try:
+                json.loads(run.read_bytes(".lock"))
+            except json.JSONDecodeError:
+                broken += 1
+    finally:
+        stop.set()
+        writer.join()
+    assert broken == 0

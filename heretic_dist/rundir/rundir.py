@@ -27,6 +27,8 @@ from .filesystem import cache_key, cache_root, locate
 from .layout import JOURNAL
 from .storage_errors import translated
 
+READ_TRIES = 5  # reads of an object that was overwritten while it was read, before the last one stands
+
 
 class RunDir:
     """One run directory, local or remote, with atomic whole-file reads and writes.
@@ -125,8 +127,19 @@ class RunDir:
             with self._op("read", name):
                 return self._local(name).read_bytes()
         assert self._fs is not None
-        with self._op("read", name), self._fs.open_input_stream(self.fs_path(name)) as f:
-            return f.read()
+        path = self.fs_path(name)
+        with self._op("read", name):
+            for _ in range(READ_TRIES):
+                # pyarrow reads an object as a HEAD (its size) then a ranged GET: an overwrite in between
+                # (the lock's heartbeat, a journal upload) gives the new object cut to the old size. A read
+                # is whole when the object's size and time were the same before and after it.
+                before = self._fs.get_file_info(path)
+                with self._fs.open_input_stream(path) as f:
+                    data = f.read()
+                after = self._fs.get_file_info(path)
+                if before.size == len(data) == after.size and before.mtime == after.mtime:
+                    return data
+            return data
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Atomic replace: readers and restarted drivers see the old content or the new, never half."""
