@@ -61,12 +61,8 @@ class FakeEndpoint:
                     endpoint.in_flight += 1
                     endpoint.max_in_flight = max(endpoint.max_in_flight, endpoint.in_flight)
                     endpoint.auth.append(self.headers.get("Authorization"))
-                try:
-                    endpoint.bodies.append(json.loads(body))
-                    endpoint.answer(self, n)
-                finally:
-                    with endpoint.lock:
-                        endpoint.in_flight -= 1
+                endpoint.bodies.append(json.loads(body))
+                endpoint.answer(self, n)
 
         return Handler
 
@@ -93,8 +89,11 @@ class FakeEndpoint:
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": word}}]}
         self.send(handler, 200, json.dumps(data).encode())
 
-    @staticmethod
-    def send(handler: BaseHTTPRequestHandler, status: int, body: bytes) -> None:
+    def send(self, handler: BaseHTTPRequestHandler, status: int, body: bytes) -> None:
+        # A request stops counting as in flight before its answer is written: once the client has
+        # the answer it may send its next request, which must not overlap this one in the count.
+        with self.lock:
+            self.in_flight -= 1
         handler.send_response(status)
         handler.send_header("Content-Type", "application/json")
         handler.send_header("Content-Length", str(len(body)))
