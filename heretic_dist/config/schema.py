@@ -67,6 +67,11 @@ class ClusterSettings(BaseModel):
     max_trial_attempts: int = Field(
         default=3, ge=1, description="Tries per trial when a worker dies mid-trial"
     )
+    trials_per_worker: int = Field(
+        default=1, ge=1, le=64,
+        description="Trials one worker scores together: it holds this many LoRA adapters and batches the "
+        "prompts of the trials leased to it into one pass (each trial's result is the one it gets alone)",
+    )
     presample: bool = Field(
         default=True,
         description="With 2+ trials in flight, sample the next trial's parameters while trials run (TPE off "
@@ -86,6 +91,11 @@ class ClusterSettings(BaseModel):
             raise ValueError(
                 f"cluster.shards_per_trial = {self.shards_per_trial} must divide "
                 f"cluster.workers = {self.workers}"
+            )
+        if self.trials_per_worker > 1 and self.tensor_parallel > 1:
+            raise ValueError(
+                f"cluster.trials_per_worker = {self.trials_per_worker} needs cluster.tensor_parallel = 1 "
+                "(a tensor-parallel replica scores one trial at a time): set one of them to 1"
             )
         if self.min_workers is not None and not self.shards_per_trial <= self.min_workers <= self.workers:
             raise ValueError(

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from . import experts, parallel, passes
+from . import experts, multi, parallel, passes
 from heretic_dist.search.space import layer_weight
 
 from .ablation import layer_direction, lora_factors
@@ -45,7 +45,12 @@ class Engine:
             raise UserError("tensor_parallel > 1 does not split fused MoE experts yet: use tensor_parallel = 1 "
                             "with gpus_per_worker > 1 (device_map) for this model")
         self._route_fused_experts()
+        k = multi.trials_per_worker(settings)
+        multi.refuse_unsupported(self, k)  # K > 1: one LoRA adapter per trial, chosen per row
+        self.adapters = multi.adapter_names(k)
         self.model = self._attach_lora(self.loaded.model)
+        if k > 1:
+            multi.check_mixed_batch(self)
         self.seed = settings.seed if settings.seed is not None else 0
         self.scorer = MarkerRefusalScorer(settings.refusal_markers)
         self.response_prefix = settings.response_prefix or ""
@@ -135,16 +140,19 @@ class Engine:
             return model
         from peft import LoraConfig, get_peft_model
 
-        config = LoraConfig(
-            r=self.rank,
-            lora_alpha=self.rank,  # scale 1: B A is the edit itself
-            lora_dropout=0.0,
-            target_modules=self.components.module_names(),
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
+        def config() -> LoraConfig:  # one per adapter: PEFT keeps and may rewrite the object it is given
+            return LoraConfig(
+                r=self.rank,
+                lora_alpha=self.rank,  # scale 1: B A is the edit itself
+                lora_dropout=0.0,
+                target_modules=self.components.module_names(),
+                bias="none",
+                task_type="CAUSAL_LM",
+            )
+
         with experts.peft_targets_kept(model):
-            peft_model = get_peft_model(model, config)
+            peft_model = get_peft_model(model, config())
+            multi.add_adapters(peft_model, config, len(self.adapters))
         peft_model.eval()
         self._lora = {}
         for name, module in peft_model.named_modules():
@@ -248,28 +256,30 @@ class Engine:
             self.model, self.tokenizer, prompts, self.response_prefix, b,
             self.settings.winsorization_quantile))
 
-    def logprobs(self, prompts: list[Prompt]) -> torch.Tensor:
+    def logprobs(self, prompts: list[Prompt], adapters: list[str] | None = None) -> torch.Tensor:
+        """First-token log-probs; `adapters`: each prompt's LoRA adapter (None: the active one)."""
         return self._with_batch("forward", lambda b: passes.logprobs(
-            self.model, self.tokenizer, prompts, self.response_prefix, b, self.sort_by_length))
+            self.model, self.tokenizer, prompts, self.response_prefix, b, self.sort_by_length, adapters))
 
-    def refusal_replies(self, prompts: list[Prompt]) -> list[str]:
-        """Replies to score (a reply may stop early once it contains a marker: its verdict is fixed)."""
+    def refusal_replies(self, prompts: list[Prompt], adapters: list[str] | None = None) -> list[str]:
+        """Replies to score (a reply may stop early once it contains a marker: its verdict is fixed).
+        `adapters`: each prompt's LoRA adapter (None: the active one)."""
         stop = self.scorer.contains_marker if self.early_stop else None
         if self.fast_generation and self._plain_greedy:
             from .generation import greedy_replies
 
             texts = passes.render(self.tokenizer, prompts, self.response_prefix)
             return self._with_batch("generate", lambda b: greedy_replies(
-                self.model, self.tokenizer, texts, self.settings.max_response_length, b, stop))
+                self.model, self.tokenizer, texts, self.settings.max_response_length, b, stop, adapters))
         return self._with_batch("generate", lambda b: passes.generate_replies(
             self.model, self.tokenizer, prompts, self.response_prefix,
-            self.settings.max_response_length, b, True, stop))
+            self.settings.max_response_length, b, True, stop, adapters=adapters))
 
-    def full_replies(self, prompts: list[Prompt]) -> list[str]:
+    def full_replies(self, prompts: list[Prompt], adapters: list[str] | None = None) -> list[str]:
         """Refusal replies without the marker early stop (a judge reads all of each reply)."""
         early, self.early_stop = self.early_stop, False
         try:
-            return self.refusal_replies(prompts)
+            return self.refusal_replies(prompts, adapters)
         finally:
             self.early_stop = early
 
@@ -296,13 +306,18 @@ class Engine:
 
     # --- the edit ----------------------------------------------------------------------------
 
-    def reset(self) -> None:
+    def reset(self, adapter: str | None = None) -> None:
+        """Every B of `adapter` to zero (None: of every adapter). Fused expert edits exist only with the
+        one adapter "default" (multi.refuse_unsupported), so they go with it."""
+        names = self.adapters if adapter is None else [adapter]
         for module in self._lora.values():
             if isinstance(module, parallel.ShardedEdit):
                 module.clear()
             else:
-                torch.nn.init.zeros_(module.lora_B["default"].weight)
-        experts.clear_edits(self.fused)  # the base expert weights were never written: bit-exact
+                for name in names:
+                    torch.nn.init.zeros_(module.lora_B[name].weight)
+        if "default" in names:
+            experts.clear_edits(self.fused)  # the base expert weights were never written: bit-exact
 
     def _base_weight(self, name: str, module) -> torch.Tensor:
         base = module.base_layer.weight
@@ -313,11 +328,11 @@ class Engine:
 
         return dequantize_4bit(base, quant_state).to(torch.float32)
 
-    def apply(self, params: TrialParams) -> None:
-        """Reset, then write the LoRA factors of `params` into every module it edits."""
+    def apply(self, params: TrialParams, adapter: str = "default") -> None:
+        """Reset `adapter`, then write the LoRA factors of `params` into it, in every module it edits."""
         if self.directions is None:
             raise RuntimeError("set_directions() must be called before a trial")
-        self.reset()
+        self.reset(adapter)
         mode = self.settings.row_normalization
         for layer_index, layer in enumerate(self.components.layers):
             fused = self.components.fused[layer_index] if self.components.fused else []
@@ -340,14 +355,14 @@ class Engine:
                     layout = getattr(self._lora[group[0]], "layout", None)  # a row-parallel shard's
                     a, b = lora_factors(stacked, v.to(stacked.device), w, mode, self.rank, self.seed, layout)
                     for i, name in enumerate(group):
-                        self._write(name, a[i], b[i])
+                        self._write(name, a[i], b[i], adapter)
 
-    def _write(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    def _write(self, name: str, a: torch.Tensor, b: torch.Tensor, adapter: str = "default") -> None:
         module = self._lora[name]
         if isinstance(module, parallel.ShardedEdit):
             module.set(a, b)
             return
-        lora_a, lora_b = module.lora_A["default"].weight, module.lora_B["default"].weight
+        lora_a, lora_b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
         lora_a.data = a.to(device=lora_a.device, dtype=lora_a.dtype).contiguous()
         lora_b.data = b.to(device=lora_b.device, dtype=lora_b.dtype).contiguous()
 
@@ -413,6 +428,12 @@ class Engine:
             host=socket.gethostname(),
             replies_to_judge=to_judge,
         )
+
+    def run_trials(self, items: list[tuple[TrialParams | None, Shard]]) -> list[PartialResult]:
+        """Up to trials_per_worker trials in one batched KL pass and one batched generation, each on
+        its own adapter (engine/multi.py); each result is what run_trial gives it alone. One item takes
+        the run_trial path itself; more items than adapters raise ValueError."""
+        return multi.run_trials(self, items)
 
     def evaluate(self, params: TrialParams | None, request: EvaluationRequest) -> EvaluationResult:
         """evaluate-front: long replies, multi-token KL and perplexity of `params` (None = the unedited

@@ -112,10 +112,15 @@ def greedy_replies(
     max_new_tokens: int,
     batch_size: int,
     decided: Callable[[str], bool] | None = None,
+    adapters: list[str] | None = None,
 ) -> list[str]:
     """Greedy replies (decoded without special tokens), stopping each row at EOS, at max_new_tokens,
-    or once decided(reply so far) is true."""
+    or once decided(reply so far) is true. `adapters`: the LoRA adapter of each text (several trials
+    in one batch); each call names the adapters of the rows it holds, so a row that leaves takes its
+    adapter with it."""
     from transformers import DynamicCache
+
+    from .passes import adapter_kwargs
 
     device = model.device
     eos = _eos_ids(model, tokenizer)
@@ -138,7 +143,7 @@ def greedy_replies(
         cache = DynamicCache()
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                    logits_to_keep=1, **{cache_arg: cache})
+                    logits_to_keep=1, **{cache_arg: cache}, **adapter_kwargs(adapters, indices))
         group.index, group.generated = list(indices), [[] for _ in indices]
         group.mask, group.cache = mask, cache  # the cache object is filled in place
         group.next_tokens = out.logits[:, -1, :].float().argmax(dim=-1)
@@ -169,7 +174,8 @@ def greedy_replies(
         rows.mask = torch.cat([rows.mask, torch.ones_like(rows.mask[:, :1])], dim=1)
         positions = rows.mask.sum(dim=-1, keepdim=True) - 1
         out = model(input_ids=rows.next_tokens[:, None], attention_mask=rows.mask, position_ids=positions,
-                    use_cache=True, logits_to_keep=1, **{cache_arg: rows.cache})
+                    use_cache=True, logits_to_keep=1, **{cache_arg: rows.cache},
+                    **adapter_kwargs(adapters, rows.index))
         rows.next_tokens = out.logits[:, -1, :].float().argmax(dim=-1)
         settle(rows)
     return replies

@@ -33,6 +33,12 @@ def batches(items: list, size: int) -> Iterator[list]:
         yield items[start : start + size]
 
 
+def adapter_kwargs(adapters: list[str] | None, rows: list[int]) -> dict[str, list[str]]:
+    """PEFT's per-row adapter choice for these prompt indices ("__base__" = no adapter), or nothing:
+    with one trial per pass no argument is passed, so PEFT keeps its plain single-adapter forward."""
+    return {} if adapters is None else {"adapter_names": [adapters[i] for i in rows]}
+
+
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, as generate() computes them for the first step."""
     positions = attention_mask.long().cumsum(-1) - 1
@@ -83,13 +89,15 @@ def all_hidden_states_at_last_position(model, inputs: dict[str, torch.Tensor]) -
 
 
 @torch.inference_mode()
-def first_token_logprobs(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Log-probabilities of the first generated token (batch, vocab), float32."""
+def first_token_logprobs(model, inputs: dict[str, torch.Tensor], **adapters: list[str]) -> torch.Tensor:
+    """Log-probabilities of the first generated token (batch, vocab), float32. `adapters`: the
+    optional adapter_names of adapter_kwargs()."""
     out = model(
         **inputs,
         position_ids=position_ids(inputs["attention_mask"]),
         use_cache=False,
         logits_to_keep=1,
+        **adapters,
     )
     return F.log_softmax(out.logits[:, -1, :].to(torch.float32), dim=-1)
 
@@ -150,11 +158,13 @@ def by_length(tokenizer, texts: list[str]) -> list[int]:
 
 
 def logprobs(model, tokenizer, prompts: list[Prompt], response_prefix: str, batch_size: int,
-             sort_by_length: bool = True) -> torch.Tensor:
-    """First-token log-probs in prompt order (computed in length-sorted batches when asked)."""
+             sort_by_length: bool = True, adapters: list[str] | None = None) -> torch.Tensor:
+    """First-token log-probs in prompt order (computed in length-sorted batches when asked).
+    `adapters`: the LoRA adapter of each prompt (several trials in one pass), None = the active one."""
     texts = render(tokenizer, prompts, response_prefix)
     order = by_length(tokenizer, texts) if sort_by_length else list(range(len(texts)))
-    parts = [first_token_logprobs(model, tokenize(tokenizer, [texts[i] for i in b], model.device)).cpu()
+    parts = [first_token_logprobs(model, tokenize(tokenizer, [texts[i] for i in b], model.device),
+                                  **adapter_kwargs(adapters, b)).cpu()
              for b in batches(order, batch_size)]
     result = torch.cat(parts, dim=0)
     return result[torch.argsort(torch.tensor(order))]
@@ -171,11 +181,14 @@ def generate_replies(
     skip_special_tokens: bool,
     stop_when: Callable[[str], bool] | None = None,
     settle: CommonPrefixBound | None = None,
+    adapters: list[str] | None = None,
 ) -> list[str]:
     """Greedy replies. With stop_when, a reply stops growing once stop_when(reply so far) holds.
-    With settle, replies stop once their common prefix is known (they are then cut short)."""
+    With settle, replies stop once their common prefix is known (they are then cut short).
+    `adapters`: the LoRA adapter of each prompt (generate() keeps finished rows, so they stay fixed)."""
     replies: list[str] = []
-    for batch in batches(prompts, batch_size):
+    for rows in batches(list(range(len(prompts))), batch_size):
+        batch = [prompts[i] for i in rows]
         inputs = tokenize(tokenizer, render(tokenizer, batch, response_prefix), model.device)
         kwargs = {}
         if stop_when is not None:
@@ -189,6 +202,7 @@ def generate_replies(
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
             **kwargs,
+            **adapter_kwargs(adapters, rows),
         )
         replies += tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=skip_special_tokens)
     return replies

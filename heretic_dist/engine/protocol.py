@@ -56,6 +56,15 @@ class TrialEngine(Protocol):
 
     def run_trial(self, params: TrialParams | None, shard: Shard) -> PartialResult: ...
 
+    def run_trials(self, items: list[tuple[TrialParams | None, Shard]]) -> list[PartialResult]:
+        """Score several trials (params, or None = the unedited model, each on its own shard) together,
+        in one batched pass; a worker calls it only with cluster.trials_per_worker = K > 1, with 2..K
+        items. Each result, in item order, is what run_trial(params, shard) gives that item alone
+        (refusals equal, kl_sum up to the last bits a different batch changes); timings may split the
+        shared pass among the items and say so (key "batched_with": the number of items). More items
+        than K raise ValueError."""
+        ...
+
     def evaluate(self, params: TrialParams | None, request: EvaluationRequest) -> EvaluationResult:
         """evaluate-front's measures of one candidate (None = the unedited model): long replies,
         multi-token KL against the base model, perplexity (engine/evaluation.py)."""
