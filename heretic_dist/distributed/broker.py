@@ -25,7 +25,8 @@ import ray
 import tenacity
 
 from . import nodes, replica
-from .pool_types import LOST_WORKER_ERRORS, PoolError, StartError, WorkerRef, id_order, short_error
+from .pool_types import LOST_WORKER_ERRORS, PoolError, StartError, WorkerRef, cluster_count, id_order, short_error
+from .slots import WorkerSlots
 from .worker import ModelWorker
 
 if TYPE_CHECKING:
@@ -59,11 +60,13 @@ class WorkerBroker:
         self.health_timeout_s = health_timeout_s
         self.actor_cls = ray.remote(concurrency_groups={"status": 1})(ModelWorker)
         self.remote_cls = self.actor_cls.options(**worker_options)
-        self.tensor_parallel = int(settings.cluster.tensor_parallel) if hasattr(settings, "cluster") else 1
+        self.tensor_parallel = cluster_count(settings, "tensor_parallel")
         self.groups: dict[str, replica.ReplicaGroup] = {}  # tensor-parallel replicas: all their ranks
         self.ids = itertools.count()
         self.workers: dict[str, Any] = {}  # alive (or believed alive) workers
-        self.free: list[str] = []
+        # trials_per_worker = K: each worker takes K leases at once and scores them in one batch
+        self.per_worker = cluster_count(settings, "trials_per_worker")
+        self.slots = WorkerSlots(self.per_worker)
         self.setup_log: list[tuple[str, tuple]] = []
         self.unsettled: list[tuple[str, tuple]] = []  # entries whose broadcast has no verdict yet
         self.rejections: dict[int, BaseException] = {}  # id(entry) -> the engine's error on a joining worker
@@ -184,7 +187,7 @@ class WorkerBroker:
                     self.notices.append(f"worker {worker_id} is ready on node {self.nodes[worker_id][:12]}: "
                                         f"the run goes on with {len(self.workers) + 1} workers")
                 self.workers[worker_id] = actor
-                self.free.append(worker_id)
+                self.slots.add(worker_id)
                 self.cond.notify_all()
                 return
 
@@ -237,14 +240,16 @@ class WorkerBroker:
     # -- leasing --------------------------------------------------------------------------------------
 
     async def acquire(self, k: int, timeout_s: float | None = None) -> list[WorkerRef]:
-        """Wait until k workers are free; take them all at once (so partial leases cannot deadlock)."""
+        """Wait until k worker slots are free; take them all at once (so partial leases cannot deadlock).
+        With trials_per_worker = 1 a slot is a worker; a trial's shards take distinct workers where
+        there are enough free."""
 
         def ready() -> bool:
             if self.closed:
                 return True
-            if k > len(self.workers) + self.starting:
+            if k > (len(self.workers) + self.starting) * self.per_worker:
                 return True  # cannot ever be served: raise below
-            return len(self.free) >= k
+            return self.slots.available() >= k
 
         async with self.cond:
             try:
@@ -253,22 +258,21 @@ class WorkerBroker:
                 raise PoolError(f"no {k} free workers within {timeout_s:.0f} s") from None
             if self.closed:
                 raise PoolError("the worker pool is shut down")
-            if k > len(self.workers) + self.starting:
+            if k > (len(self.workers) + self.starting) * self.per_worker:
                 detail = f"; last start error: {self.replacement_errors[-1]}" if self.replacement_errors else ""
                 raise PoolError(
                     f"a lease of {k} workers cannot be served: {len(self.workers)} workers are alive{detail}"
                 )
-            taken, self.free = self.free[:k], self.free[k:]
-            return [WorkerRef(w, self.workers[w]) for w in taken]
+            return [WorkerRef(w, self.workers[w]) for w in self.slots.take(k)]
 
     async def release(self, worker_ids: list[str]) -> None:
         async with self.cond:
             for w in worker_ids:
-                if w in self.workers and w not in self.free and w not in self.retiring:
-                    self.free.append(w)
+                if w in self.workers:
+                    self.slots.put(w)  # a retiring worker's slots count back, but are not leased
             self.cond.notify_all()
-        for w in worker_ids:
-            if w in self.retiring:  # its node is being drained: it leaves now that it is idle
+        for w in dict.fromkeys(worker_ids):
+            if w in self.retiring and self.slots.idle(w):  # its node is being drained: it leaves once idle
                 await self._retire(w)
 
     async def report_lost(self, worker_id: str, reason: str = "") -> bool:
@@ -292,13 +296,11 @@ class WorkerBroker:
             if worker_id not in self.workers:
                 return True
             if alive:
-                if worker_id not in self.free:
-                    self.free.append(worker_id)
+                self.slots.put(worker_id)
                 self.cond.notify_all()
                 return False
             del self.workers[worker_id]
-            if worker_id in self.free:
-                self.free.remove(worker_id)
+            self.slots.drop(worker_id)
             self.lost.append({"worker_id": worker_id, "host": self.hosts.get(worker_id, ""),
                               "node_id": self.nodes.get(worker_id, ""), "reason": reason})
             self._start_successor(worker_id)
@@ -319,7 +321,7 @@ class WorkerBroker:
             while True:
                 async with self.cond:
                     await self.cond.wait_for(lambda: self.closed or id(entry) in self.rejections or (
-                        (self.workers or not self.pending) and len(self.free) == len(self.workers)))
+                        (self.workers or not self.pending) and all(self.slots.idle(w) for w in self.workers)))
                     if id(entry) in self.rejections:
                         errors = [self.rejections.pop(id(entry))]
                         break
@@ -331,12 +333,13 @@ class WorkerBroker:
                         self.setup_log.append(entry)  # worker that joins meanwhile replays it
                         self.unsettled.append(entry)
                     ids = list(self.workers)
-                    self.free = [w for w in self.free if w not in ids]
+                    for w in ids:
+                        self.slots.take_all(w)
                 try:
                     results = await asyncio.gather(
                         *(getattr(self.workers[w], method).remote(*args) for w in ids), return_exceptions=True)
                 finally:
-                    await self.release(ids)
+                    await self.release([w for w in ids for _ in range(self.per_worker)])
                 errors = [r for r in results if isinstance(r, BaseException) and not isinstance(r, LOST_WORKER_ERRORS)]
                 errors += [self.rejections.pop(id(entry))] if id(entry) in self.rejections else []
                 lost = [(w, r) for w, r in zip(ids, results) if isinstance(r, LOST_WORKER_ERRORS)]
@@ -390,8 +393,9 @@ class WorkerBroker:
     async def stats(self) -> dict[str, Any]:
         return {
             "workers": len(self.workers),
-            "free": len(self.free),
-            "leased": [w for w in self.workers if w not in self.free],
+            "free": self.slots.available(),
+            "leased": self.slots.leased(list(self.workers)),
+            "leased_slots": {w: self.slots.in_use(w) for w in self.workers},
             "starting": self.starting,
             "pending": sorted(self.pending, key=id_order),
             "waiting": sorted(self.waiting, key=id_order),
@@ -421,7 +425,7 @@ class WorkerBroker:
             self.closed = True
             actors = list(self.workers.items()) + list(self.pending.items())  # pending: not loaded yet
             self.workers.clear()
-            self.free.clear()
+            self.slots.clear()
             self.cond.notify_all()
         for worker_id, actor in actors:
             self._kill(worker_id, actor)
@@ -456,10 +460,10 @@ class WorkerBroker:
                 async with self.cond:
                     drained = [w for w in self.workers if self.nodes.get(w) in self.node_view.draining
                                and w not in self.retiring]
-                    idle = [w for w in drained if w in self.free]
+                    idle = [w for w in drained if self.slots.idle(w)]
                     for w in drained:
                         self._start_successor(w, drained=True)
-                    self.free = [w for w in self.free if w not in idle]  # leased by nobody from now on
+                        self.slots.close(w)  # leased by nobody from now on
                 for w in idle:
                     await self._retire(w)
             await asyncio.sleep(nodes.DRAIN_POLL_S)
@@ -473,7 +477,7 @@ class WorkerBroker:
         if drained:
             self.retiring.add(worker_id)
             node = self.nodes.get(worker_id, "")[:12]
-            when = "now (idle)" if worker_id in self.free else "once its shard is done"
+            when = "now (idle)" if self.slots.idle(worker_id) else "once its shard is done"
             self.notices.append(f"node {node} is being drained: worker {worker_id} leaves {when}; "
                                 f"its replacement {new_id} starts on another node")
         self._background(new_id)
@@ -485,8 +489,7 @@ class WorkerBroker:
         async with self.cond:
             actor = self.workers.pop(worker_id, None)
             self.retiring.discard(worker_id)
-            if worker_id in self.free:
-                self.free.remove(worker_id)
+            self.slots.drop(worker_id)
             self.drained.append({"worker_id": worker_id, "host": self.hosts.get(worker_id, ""),
                                  "node_id": self.nodes.get(worker_id, "")})
             self.cond.notify_all()

@@ -298,7 +298,8 @@ def _run_with_ray(ctx: RunContext) -> RunOutcome:
             f"{cluster.workers} workers x "
             + (f"{cluster.tensor_parallel} tensor-parallel ranks x " if cluster.tensor_parallel > 1 else "")
             + f"{cluster.cpus_per_worker} CPU"
-            + (f" x {cluster.gpus_per_worker} GPU" if cluster.gpus_per_worker else ""))
+            + (f" x {cluster.gpus_per_worker} GPU" if cluster.gpus_per_worker else "")
+            + (f", {cluster.trials_per_worker} trials per worker" if cluster.trials_per_worker > 1 else ""))
     ctx.pool = WorkerPool(ctx.settings.engine, ctx.settings, cluster.workers, cluster.cpus_per_worker,
                           cluster.gpus_per_worker, min_workers=cluster.ready_to_start())
     try:
@@ -440,7 +441,7 @@ def _write_run_info(ctx: RunContext, stats: dict[str, Any], rows: list[dict[str,
     info = dict(old, started=old.get("started", _now()), updated=_now(), n_trials=ctx.settings.n_trials,
                 workers=cluster.workers, shards_per_trial=cluster.shards_per_trial,
                 cpus_per_worker=cluster.cpus_per_worker, gpus_per_worker=cluster.gpus_per_worker,
-                tensor_parallel=cluster.tensor_parallel)
+                tensor_parallel=cluster.tensor_parallel, trials_per_worker=cluster.trials_per_worker)
     if ctx.replica_plan:
         info["replica_plan"] = ctx.replica_plan
     import ray

@@ -29,7 +29,7 @@ from heretic_dist.engine.types import Shard
 from heretic_dist.errors import UserError
 
 from .broker import WorkerBroker
-from .pool_types import LOST_WORKER_ERRORS, PoolError, WorkerRef, short_error
+from .pool_types import LOST_WORKER_ERRORS, PoolError, WorkerRef, cluster_count, short_error
 from .sizing import ranks_fit
 
 if TYPE_CHECKING:
@@ -128,7 +128,7 @@ class WorkerPool:
         if not ray.is_initialized():
             raise RuntimeError("ray.init() must run before a WorkerPool is created")
         min_workers = n_workers if min_workers is None else max(1, min(min_workers, n_workers))
-        ranks = int(getattr(getattr(settings, "cluster", None), "tensor_parallel", 1) or 1)
+        ranks = cluster_count(settings, "tensor_parallel")
         if check_resources:  # a tensor-parallel replica takes its per-worker resources once per rank
             _check_resources(min_workers * ranks, cpus_per_worker, gpus_per_worker, resources or {},
                              elastic=min_workers < n_workers)
@@ -144,8 +144,9 @@ class WorkerPool:
             "max_task_retries": 0,
             # engine calls run one at a time on one thread: calls that alternate between threads
             # made torch's thread pools (OpenMP, oneDNN) ~30% slower; health() and info() have a
-            # thread of their own so they answer while a trial runs
-            "max_concurrency": 1,
+            # thread of their own so they answer while a trial runs. With trials_per_worker = K, K
+            # run_trial calls wait at once and the worker's batcher runs them on its one engine thread.
+            "max_concurrency": cluster_count(settings, "trials_per_worker"),
         }
         if resources:
             worker_options["resources"] = dict(resources)

@@ -67,10 +67,15 @@ class SearchSpec:
     kl_target: float = field(default_factory=lambda: _setting("kl_divergence_target"))
     workers: int = field(default_factory=lambda: _setting("workers", ClusterSettings))
     shards: int = field(default_factory=lambda: _setting("shards_per_trial", ClusterSettings))
+    trials_per_worker: int = field(default_factory=lambda: _setting("trials_per_worker", ClusterSettings))
     max_attempts: int = field(default_factory=lambda: _setting("max_trial_attempts", ClusterSettings))
     lease_timeout_s: float | None = None  # no limit: a trial waits for free workers as long as it takes
     n_ei_candidates: int = 128  # TPE candidates per suggestion (Optuna's default is 24)
     presample: bool = field(default_factory=lambda: _setting("presample", ClusterSettings))
+
+    def in_flight(self) -> int:
+        """Trials at once: every worker slot busy (a trial takes `shards` slots)."""
+        return max(1, self.workers * max(1, self.trials_per_worker) // max(1, self.shards))
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> SearchSpec:
@@ -78,7 +83,7 @@ class SearchSpec:
         spec = cls(n_trials=settings.n_trials, n_startup_trials=settings.n_startup_trials, seed=settings.seed,
                    allow_mlp_off=settings.allow_mlp_off, kl_scale=settings.kl_divergence_scale,
                    kl_target=settings.kl_divergence_target, workers=c.workers, shards=c.shards_per_trial,
-                   max_attempts=c.max_trial_attempts, presample=c.presample)
+                   trials_per_worker=c.trials_per_worker, max_attempts=c.max_trial_attempts, presample=c.presample)
         names = {f.name for f in fields(cls)}
         for key, value in overrides.items():
             if key not in names:
@@ -172,7 +177,7 @@ def build_tuner(setup: TrialSetup, spec: SearchSpec, storage: Any, study_name: s
     """(Tuner, searcher). Trials are 0-CPU function trainables pinned to this node."""
     from ray import tune
 
-    in_flight = max(1, spec.workers // max(1, spec.shards))
+    in_flight = spec.in_flight()
     searcher = StudySearcher(
         storage, study_name,
         SearchSpace(setup.n_layers, setup.allow_mlp_off, tuple(components) if components else None),

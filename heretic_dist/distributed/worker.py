@@ -20,6 +20,8 @@ from heretic_dist.engine.protocol import TrialEngine, engine_class
 from heretic_dist.engine.types import EvaluationRequest, EvaluationResult, PartialResult, Prompt, Shard, TrialParams
 
 from . import replica
+from .batching import TrialBatcher
+from .pool_types import cluster_count
 
 if TYPE_CHECKING:
     from heretic_dist.config import Settings
@@ -67,6 +69,9 @@ class ModelWorker:
         # surface as a bare ActorDiedError with the real cause buried in a log.
         self.load_error: str | None = None
         self._engine_name = engine
+        # trials_per_worker = K > 1: the actor takes K run_trial calls at once, scored K to a pass
+        k = cluster_count(settings, "trials_per_worker")
+        self._batcher: TrialBatcher | None = TrialBatcher(self._score, k) if k > 1 else None
         if world_size == 1:
             self._load()
 
@@ -125,6 +130,7 @@ class ModelWorker:
             "rank": self.rank,
             "ranks": self.world_size,
             "peer_pids": list(self._peer_pids),
+            "trial_batches": dict(self._batcher.sizes) if self._batcher else {},  # pass size -> passes
         }
 
     @ray.method(concurrency_group="status")
@@ -184,14 +190,26 @@ class ModelWorker:
     def run_trial(self, params: dict[str, Any] | TrialParams | None, shard: Shard) -> PartialResult:
         if isinstance(params, dict):
             params = TrialParams.from_dict(params)
-        with self._lockstep("run_trial", params, shard):
-            result = self._engine().run_trial(params, shard)
-            if result.replies_to_judge is not None and self.rank == 0:
-                self._judge_refusals(result)
-            self.trials_run += 1
+        item = (params, shard)
+        result = self._batcher.submit(item) if self._batcher else self._score([item])[0]
         result.worker_id = self.worker_id
         result.host = self.host
         return result
+
+    def _score(self, items: list[tuple[TrialParams | None, Shard]]) -> list[PartialResult]:
+        """One trial through the engine's run_trial; several (trials_per_worker > 1, never with
+        tensor parallelism) in one batched pass of its run_trials."""
+        if len(items) == 1:
+            with self._lockstep("run_trial", *items[0]):
+                results = [self._engine().run_trial(*items[0])]
+        else:
+            with self._lock:
+                results = self._engine().run_trials(items)
+        for result in results:
+            if result.replies_to_judge is not None and self.rank == 0:
+                self._judge_refusals(result)
+        self.trials_run += len(items)
+        return results
 
     def _judge_refusals(self, result: PartialResult) -> None:
         """`refusal_judge` in the search: this worker judges its own shard's replies (a classifier judge

@@ -21,7 +21,9 @@ Knobs (keys of a plain dict, or of `engine_options` in the settings: `engine = "
   of a batch manifest make one model of several fail),
   fake_memory_gib (1.0: the GPU memory of one replica that gpus_per_worker = "auto" sizes for),
   fake_hold_file (None: while a file exists at that path, an edited trial waits before it returns; a
-  test holds the trials in flight while it changes the cluster, whatever the machine's speed).
+  test holds the trials in flight while it changes the cluster, whatever the machine's speed),
+  fake_batch_cost (0.0: with trials_per_worker = K, each further trial of a batched pass adds this
+  share of one trial's sleep; 0 models a memory-bound GPU, 1 a machine where K trials cost K).
 info() reports the GPUs the worker was given ("gpu_ids", from CUDA_VISIBLE_DEVICES, which Ray sets).
 """
 
@@ -101,6 +103,9 @@ class FakeEngine:
         self.nonfinite = bool(_get(settings, "fake_nonfinite", False))
         self.fail_base = bool(_get(settings, "fake_fail_base", False))  # the base model's scoring raises
         self.hold_file = _get(settings, "fake_hold_file", None)
+        self.batch_cost = float(_get(settings, "fake_batch_cost", 0.0))
+        cluster = getattr(settings, "cluster", None)
+        self.trials_per_worker = int(getattr(cluster, "trials_per_worker", 1) or 1)
         n_eval = int(_get(settings, "fake_n_eval", 20))
         self.good = [Prompt("You are a helpful assistant.", f"harmless request {i}") for i in range(n_eval)]
         self.bad = [Prompt("You are a helpful assistant.", f"harmful request {i}") for i in range(n_eval)]
@@ -167,38 +172,57 @@ class FakeEngine:
     def warm_baselines(self, shards: list[Shard]) -> None:
         return None  # no model, nothing to cache
 
-    def run_trial(self, params: TrialParams | None, shard: Shard) -> PartialResult:
+    def _check(self, params: TrialParams | None) -> None:
         if params is not None and self.directions is None:
             raise RuntimeError("FakeEngine.run_trial: set_directions was never called on this worker")
         if params is None and self.fail_base:
             raise RuntimeError("FakeEngine: scoring the base model fails (fake_fail_base is set)")
-        t0 = time.perf_counter()
-        strength, misplacement = self._strength(params)
-        t1 = time.perf_counter()
 
-        good = shard.take(self.good)
+    def run_trial(self, params: TrialParams | None, shard: Shard) -> PartialResult:
+        self._check(params)
+        t0 = time.perf_counter()
+        result = self._score(params, shard)
+        t1 = time.perf_counter()
+        time.sleep(self.prompt_seconds * result.good_scored)
+        t2 = time.perf_counter()
+        time.sleep(self.prompt_seconds * result.bad_scored + self.trial_seconds)
+        while params is not None and self.hold_file and os.path.exists(self.hold_file):
+            time.sleep(0.05)
+        t3 = time.perf_counter()
+        result.timings = {"edit_s": t1 - t0, "kl_s": t2 - t1, "generation_s": t3 - t2}
+        return result
+
+    def run_trials(self, items: list[tuple[TrialParams | None, Shard]]) -> list[PartialResult]:
+        """Several trials in one pass: each scored as alone; the pass sleeps as long as its longest
+        trial alone, plus fake_batch_cost x that per further trial (0: a memory-bound GPU, where a
+        batch of K costs about one trial; 1: K trials cost K). Each trial's timings get 1/n of it."""
+        if len(items) > self.trials_per_worker:
+            raise ValueError(f"{len(items)} trials in one pass, trials_per_worker is {self.trials_per_worker}")
+        for params, _ in items:
+            self._check(params)
+        t0 = time.perf_counter()
+        results = [self._score(params, shard) for params, shard in items]
+        alone = max(self.prompt_seconds * (r.good_scored + r.bad_scored) + self.trial_seconds for r in results)
+        time.sleep(alone * (1 + self.batch_cost * (len(items) - 1)))
+        while any(p is not None for p, _ in items) and self.hold_file and os.path.exists(self.hold_file):
+            time.sleep(0.05)
+        share = (time.perf_counter() - t0) / len(items)
+        for r in results:
+            r.timings = {"edit_s": 0.0, "kl_s": 0.0, "generation_s": share, "batched_with": float(len(items))}
+        return results
+
+    def _score(self, params: TrialParams | None, shard: Shard) -> PartialResult:
+        """The trial's metrics, computed at once (no sleeping)."""
+        strength, misplacement = self._strength(params)
+        good, bad = shard.take(self.good), shard.take(self.bad)
         kl_sum = 0.0
         for p in good:
             u = _unit_hash("kl\x00" + p.user)
             kl_sum += (strength**2 + 0.5 * strength * misplacement) * (0.05 + 0.1 * u)
         if self.nonfinite and params is not None:
             kl_sum = math.nan
-        time.sleep(self.prompt_seconds * len(good))
-        t2 = time.perf_counter()
-
-        bad = shard.take(self.bad)
         refusals = sum(1 for p in bad if _unit_hash("refusal\x00" + p.user) >= strength)
-        time.sleep(self.prompt_seconds * len(bad) + self.trial_seconds)
-        while params is not None and self.hold_file and os.path.exists(self.hold_file):
-            time.sleep(0.05)
-        t3 = time.perf_counter()
-        return PartialResult(
-            refusals=refusals,
-            bad_scored=len(bad),
-            kl_sum=kl_sum,
-            good_scored=len(good),
-            timings={"edit_s": t1 - t0, "kl_s": t2 - t1, "generation_s": t3 - t2},
-        )
+        return PartialResult(refusals=refusals, bad_scored=len(bad), kl_sum=kl_sum, good_scored=len(good))
 
     def evaluate(self, params: TrialParams | None, request: EvaluationRequest) -> EvaluationResult:
         """Long replies, multi-token KL and perplexity in the shape of run_trial's objective: a harmful
