@@ -165,12 +165,12 @@ def ray_cluster():
         ray.shutdown()
 
 
-def make_pool(k: int, **options):
+def make_pool(k: int, n_workers: int = 2, **options):
     from heretic_dist.distributed.pool import WorkerPool
 
     settings = Settings(model="fake", engine="fake", engine_options=options,
-                        cluster={"workers": 2, "trials_per_worker": k})
-    pool = WorkerPool("fake", settings, n_workers=2, cpus_per_worker=1.0)
+                        cluster={"workers": n_workers, "trials_per_worker": k})
+    pool = WorkerPool("fake", settings, n_workers=n_workers, cpus_per_worker=1.0)
     pool.set_directions(torch.zeros(N_LAYERS + 2, 16))
     return pool, settings
 
@@ -251,5 +251,21 @@ def test_a_killed_worker_loses_none_of_its_batched_trials(ray_cluster, tmp_path)
         losses = sum(len(t.user_attrs["worker_losses"]) for t in trials)
         assert losses > len(kills), losses  # a kill inside a pass of two loses both; each is re-run
         assert pool.stats()["replacements"] == 2 and pool.loads_total() == 4
+    finally:
+        pool.shutdown()
+
+
+def test_swapping_one_of_two_slots_of_a_worker_that_still_answers_leaks_no_slot(ray_cluster):
+    # one worker, K = 2: a 2-shard lease holds both of its slots; one shard's call fails transiently
+    # (the worker still answers), so the lease swaps that slot and gets the same worker back
+    pool, _ = make_pool(2, n_workers=1)
+    try:
+        with pool.lease(2) as lease:
+            assert [w.worker_id for w in lease.workers] == ["w0", "w0"]
+            new = lease.swap(lease.workers[0], "ActorUnavailableError (transient)")
+            assert new.worker_id == "w0" and len(lease.workers) == 2
+        stats = pool.stats()
+        assert stats["leased_slots"] == {"w0": 0} and stats["free"] == 2 and pool.replacements == 0
+        pool.set_eval_prompts([], [])  # a setup call waits for every slot: it would hang on a leaked one
     finally:
         pool.shutdown()

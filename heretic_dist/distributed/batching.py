@@ -82,6 +82,8 @@ class TrialBatcher(Generic[Item, Result]):
     def _run(self, batch: list[tuple[Item, Future, float]]) -> None:
         try:
             results = self._score([item for item, _, _ in batch])
+            if len(results) != len(batch):  # a caller left without a result would wait forever
+                raise RuntimeError(f"{len(results)} results for a pass of {len(batch)} trials")
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting callers
             if len(batch) == 1:
                 batch[0][1].set_exception(exc)

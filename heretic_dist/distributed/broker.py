@@ -275,18 +275,13 @@ class WorkerBroker:
             if w in self.retiring and self.slots.idle(w):  # its node is being drained: it leaves once idle
                 await self._retire(w)
 
-    async def report_lost(self, worker_id: str, reason: str = "") -> bool:
-        """A caller saw a lost-worker error. Returns True if the worker was dropped and is being replaced.
-
-        The worker is pinged first: an ActorUnavailableError can be transient, and a worker that still
-        answers goes back to the free list instead of being replaced.
-        """
+    async def report_lost(self, worker_id: str, reason: str = "", slots: int = 1) -> bool:
+        """A caller holding `slots` of this worker saw a lost-worker error: True if it was dropped. It is
+        pinged first (an ActorUnavailableError can be transient): one that answers gets the slots back
+        and keeps its other trials; a drained one was replaced already and leaves once idle."""
         actor = self.workers.get(worker_id)
         if actor is None:
             return True  # already handled (reported by another caller)
-        if worker_id in self.retiring:  # drained, its node gone before it was done: already replaced
-            await self._retire(worker_id)
-            return True
         try:
             health = await asyncio.wait_for(actor.health.remote(), self.health_timeout_s)
             alive = not health.get("error")  # a replica that lost a rank answers, but cannot serve
@@ -296,16 +291,21 @@ class WorkerBroker:
             if worker_id not in self.workers:
                 return True
             if alive:
-                self.slots.put(worker_id)
+                for _ in range(slots):
+                    self.slots.put(worker_id)
                 self.cond.notify_all()
-                return False
-            del self.workers[worker_id]
-            self.slots.drop(worker_id)
-            self.lost.append({"worker_id": worker_id, "host": self.hosts.get(worker_id, ""),
-                              "node_id": self.nodes.get(worker_id, ""), "reason": reason})
-            self._start_successor(worker_id)
-        self._kill(worker_id, actor)
-        return True
+            elif worker_id not in self.retiring:
+                del self.workers[worker_id]
+                self.slots.drop(worker_id)
+                self.lost.append({"worker_id": worker_id, "host": self.hosts.get(worker_id, ""),
+                                  "node_id": self.nodes.get(worker_id, ""), "reason": reason})
+                self._start_successor(worker_id)
+        if worker_id in self.retiring and (not alive or self.slots.idle(worker_id)):
+            await self._retire(worker_id)  # drained: it leaves once idle, or now that its node is gone
+            return not alive
+        if not alive:
+            self._kill(worker_id, actor)
+        return not alive
 
     # -- setup and introspection --------------------------------------------------------------------
 
@@ -338,13 +338,15 @@ class WorkerBroker:
                 try:
                     results = await asyncio.gather(
                         *(getattr(self.workers[w], method).remote(*args) for w in ids), return_exceptions=True)
-                finally:
+                except BaseException:
                     await self.release([w for w in ids for _ in range(self.per_worker)])
+                    raise
                 errors = [r for r in results if isinstance(r, BaseException) and not isinstance(r, LOST_WORKER_ERRORS)]
                 errors += [self.rejections.pop(id(entry))] if id(entry) in self.rejections else []
                 lost = [(w, r) for w, r in zip(ids, results) if isinstance(r, LOST_WORKER_ERRORS)]
-                for w, r in lost:
-                    await self.report_lost(w, short_error(r))  # its replacement replays the log
+                await self.release([w for w in ids if w not in dict(lost) for _ in range(self.per_worker)])
+                for w, r in lost:  # their slots go back only if they still answer; a replacement replays the log
+                    await self.report_lost(w, short_error(r), slots=self.per_worker)
                 if errors or len(lost) < len(ids):
                     break
         finally:

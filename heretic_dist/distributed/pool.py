@@ -94,7 +94,9 @@ class Lease:
 
     def swap(self, lost: WorkerRef, reason: str, timeout_s: float | None = None) -> WorkerRef:
         """Report `lost`, take another free worker in its place (blocks until one is free)."""
-        self.workers = [w for w in self.workers if w.worker_id != lost.worker_id]
+        # one entry: with trials_per_worker > 1 a lease may hold two slots of one worker
+        index = next(i for i, w in enumerate(self.workers) if w.worker_id == lost.worker_id)
+        del self.workers[index]
         self.pool.report_lost(lost, reason)
         (new,) = self.pool._acquire(1, timeout_s)
         self.workers.append(new)
