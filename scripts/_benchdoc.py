@@ -71,6 +71,18 @@ def now_utc() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
+def load_line(before: str, quiet: bool, after: str) -> str:
+    """The load averages around a measurement, flagged when it did not start on a quiet machine."""
+    return f"before: {before}{'' if quiet else ' (NOT quiet)'}; after: {after}"
+
+
+def record(mark: str, title: str, what: str, command: str, date: str, text: str) -> None:
+    """Write the usual section: its title, what it measures, machine, command, date, then the printed
+    output in a code block."""
+    write_section(mark, "\n".join([f"## {title}", "", f"What: {what}", "", f"- Machine: {machine()}",
+                                   f"- Command: `{command}`", f"- Date: {date}", "", "```", text, "```"]))
+
+
 def write_section(mark: str, body: str) -> None:
     """Replace (or append) the text between <!-- mark:start --> and <!-- mark:end -->."""
     start, end = f"<!-- {mark}:start -->", f"<!-- {mark}:end -->"

@@ -251,17 +251,14 @@ def main() -> int:
     facts = run(args)
     lines = report(facts)
     after = bd.load_text()
-    text = "\n".join([f"before: {before}{'' if quiet else ' (NOT quiet)'}; after: {after}", ""] + lines)
+    text = "\n".join([bd.load_line(before, quiet, after), ""] + lines)
     print(f"$ {command}\n{text}")
     if args.record:
-        bd.write_section("bench_limit", "\n".join([
-            "## A trial next to this CPU's compute limit", "",
-            "What: our Engine in one process on the benchmark model with the benchmark settings; forward hooks "
-            "count each trial's FLOPs (every Linear as called, attention products per decoder call) per phase; "
-            "the limit is those FLOPs at the fp32 matmul rate this CPU sustains at the model's Linear shapes "
-            "(definitions in the script's docstring).", "",
-            f"- Machine: {bd.machine()}", f"- Command: `{command}`", f"- Date: {date}", "",
-            "```", text, "```"]))
+        bd.record("bench_limit", "A trial next to this CPU's compute limit",
+                  "our Engine in one process on the benchmark model with the benchmark settings; forward hooks "
+                  "count each trial's FLOPs (every Linear as called, attention products per decoder call) per "
+                  "phase; the limit is those FLOPs at the fp32 matmul rate this CPU sustains at the model's "
+                  "Linear shapes (definitions in the script's docstring).", command, date, text)
     return 0
 
 

@@ -113,16 +113,13 @@ def report(runs: dict[str, list[dict]]) -> list[str]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", choices=["bench", "smollm2"], default="bench")
-    p.add_argument("--trials", type=int, default=4)
+    btw.add_engine_arguments(p, trials=4)  # the benchmark settings of bench_trials_per_worker
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max-load", type=float, default=1.0)
     p.add_argument("--wait", type=float, default=300)
     p.add_argument("--record", action="store_true")
     args = p.parse_args()
-    # the benchmark settings of bench_trials_per_worker (its defaults), one trial per pass
-    engine_args = dict(model=args.model, trials=args.trials, good_dir=24, bad_dir=24, good_eval=20, bad_eval=20,
-                       max_response_length=30, batch_size=128, seed=42)
+    engine_args = {k: v for k, v in vars(args).items() if k not in ("rounds", "max_load", "wait", "record")}
     command = "python scripts/bench_ray_penalty.py " + shlex.join(sys.argv[1:])
     _, quiet = bd.wait_for_quiet(args.max_load, args.wait)
     before, date = bd.load_text(), bd.now_utc()
@@ -131,19 +128,18 @@ def main() -> int:
         runs["plain"].append(measure(engine_args))
         runs["ray"].append(in_ray(engine_args))
     after = bd.load_text()
-    head = [f"before: {before}{'' if quiet else ' (NOT quiet)'}; after: {after}", "",
+    head = [bd.load_line(before, quiet, after), "",
             f"model {runs['plain'][0]['model']}, float32 on the CPU; {args.trials} trials per round (random "
-            f"parameters, seed 42), {args.rounds} rounds alternating plain / ray, 20 + 20 prompts, 30 new tokens", ""]
+            f"parameters, seed {args.seed}), {args.rounds} rounds alternating plain / ray, {args.good_eval} + "
+            f"{args.bad_eval} prompts, {args.max_response_length} new tokens", ""]
     text = "\n".join(head + report(runs))
     print(f"$ {command}\n{text}")
     if args.record:
-        bd.write_section("bench_ray_penalty", "\n".join([
-            "## The same trials in a plain process and in a Ray actor (`scripts/bench_ray_penalty.py`)", "",
-            "What: one function loads our Engine and scores the same seeded trials, run in this process and "
-            "in a Ray actor holding all CPUs, alternating rounds; what differs between the two processes is "
-            "printed (definitions in the script's docstring).", "",
-            f"- Machine: {bd.machine()}", f"- Command: `{command}`", f"- Date: {date}", "",
-            "```", text, "```"]))
+        bd.record("bench_ray_penalty", "The same trials in a plain process and in a Ray actor "
+                  "(`scripts/bench_ray_penalty.py`)",
+                  "one function loads our Engine and scores the same seeded trials, run in this process and in "
+                  "a Ray actor holding all CPUs, alternating rounds; what differs between the two processes is "
+                  "printed (definitions in the script's docstring).", command, date, text)
     return 0
 
 

@@ -47,6 +47,19 @@ GPU_FORMULA = ("decode step time ~ max(weight bytes / memory bandwidth, K x per-
                "while memory-bound, K trials cost about one")
 
 
+def add_engine_arguments(p: argparse.ArgumentParser, trials: int) -> None:
+    """The benchmark model and settings load_engine() reads (scripts/bench_ray_penalty.py takes them too)."""
+    p.add_argument("--model", choices=["bench", "smollm2"], default="bench")
+    p.add_argument("--trials", type=int, default=trials)
+    p.add_argument("--good-dir", type=int, default=24)
+    p.add_argument("--bad-dir", type=int, default=24)
+    p.add_argument("--good-eval", type=int, default=20)
+    p.add_argument("--bad-eval", type=int, default=20)
+    p.add_argument("--max-response-length", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=42)
+
+
 def load_engine(args, k_max: int):
     """The engine, its directions and evaluation prompts, and the fixed list of parameter sets."""
     import optuna
@@ -141,16 +154,8 @@ def report(args, facts: dict) -> list[str]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", choices=["bench", "smollm2"], default="bench")
-    p.add_argument("--trials", type=int, default=8)
+    add_engine_arguments(p, trials=8)
     p.add_argument("--ks", default="1,2,4", help="comma-separated K values (1 is always measured)")
-    p.add_argument("--good-dir", type=int, default=24)
-    p.add_argument("--bad-dir", type=int, default=24)
-    p.add_argument("--good-eval", type=int, default=20)
-    p.add_argument("--bad-eval", type=int, default=20)
-    p.add_argument("--max-response-length", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max-load", type=float, default=1.0)
     p.add_argument("--wait", type=float, default=300)
     p.add_argument("--record", action="store_true")
@@ -160,17 +165,14 @@ def main() -> int:
     before, date = bd.load_text(), bd.now_utc()
     facts = run(args)
     after = bd.load_text()
-    text = "\n".join([f"before: {before}{'' if quiet else ' (NOT quiet)'}; after: {after}", ""] + report(args, facts))
+    text = "\n".join([bd.load_line(before, quiet, after), ""] + report(args, facts))
     print(f"$ {command}\n{text}")
     if args.record:
-        bd.write_section("bench_trials_per_worker", "\n".join([
-            "## Several trials per batched pass (trials_per_worker)", "",
-            "What: our Engine in one process on the benchmark model; one fixed list of seeded random parameter "
-            "sets scored with K = 1 (run_trial) and K > 1 (run_trials, K trials per batched KL pass and "
-            "generation, one LoRA adapter per trial chosen per row), in one run; each K's per-trial results "
-            "checked against K = 1's (definitions in the script's docstring).", "",
-            f"- Machine: {bd.machine()}", f"- Command: `{command}`", f"- Date: {date}", "",
-            "```", text, "```"]))
+        bd.record("bench_trials_per_worker", "Several trials per batched pass (trials_per_worker)",
+                  "our Engine in one process on the benchmark model; one fixed list of seeded random parameter "
+                  "sets scored with K = 1 (run_trial) and K > 1 (run_trials, K trials per batched KL pass and "
+                  "generation, one LoRA adapter per trial chosen per row), in one run; each K's per-trial "
+                  "results checked against K = 1's (definitions in the script's docstring).", command, date, text)
     return 0
 
 
