@@ -18,7 +18,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from pathlib import Path
+from typing import Any, Iterator
 
 # what `ray[default]` adds to `ray[tune]` and the dashboard (and so the job server) cannot start without
 DASHBOARD_MODULES = ("aiohttp", "aiohttp_cors", "grpc", "opencensus", "prometheus_client", "colorful")
@@ -29,6 +31,32 @@ DASHBOARD_MODULES = ("aiohttp", "aiohttp_cors", "grpc", "opencensus", "prometheu
 # check fails at once when the raylet is gone; a live one only fails it by not answering in time)
 FAST_NODE_DEATH = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",
                    "RAY_health_check_failure_threshold": "3"}
+
+
+@contextlib.contextmanager
+def embedded_ray(object_store_mb: int = 200) -> Iterator[Any]:
+    """One 2-CPU local Ray for a test module (no dashboard, quiet); shut down at the end."""
+    import ray
+
+    from heretic_dist.distributed.pool import quiet_ray_env
+
+    quiet_ray_env()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=object_store_mb * 1024**2,
+             logging_level="WARNING", log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def finishing_tells(journal: str | Path) -> Counter:
+    """How many times each trial was moved to a finished state, read from the Optuna journal itself."""
+    told: Counter = Counter()
+    for line in open(journal):
+        op = json.loads(line)
+        if op["op_code"] == 6 and op["state"] in (1, 3, 4):  # SET_TRIAL_STATE_VALUES: COMPLETE/PRUNED/FAIL
+            told[op["trial_id"]] += 1
+    return told
 
 
 def free_port() -> int:

@@ -19,6 +19,7 @@ from heretic_dist.evaluation.judges import base as judges_base
 from heretic_dist.evaluation.judges.base import check_question
 from heretic_dist.evaluation.judges.keywords import KeywordJudge
 from heretic_dist.rundir import RunDir
+from ray_cluster import embedded_ray
 
 TAGS = [("<think>", "</think>"), ("[THINK]", "[/THINK]")]
 MARKERS = ["i cannot", "i can't", "sorry"]
@@ -281,17 +282,8 @@ def model_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    import ray
-
-    from heretic_dist.distributed.pool import quiet_ray_env
-
-    quiet_ray_env()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2, logging_level="WARNING",
-             log_to_driver=False)
-    try:
+    with embedded_ray(object_store_mb=100):
         yield
-    finally:
-        ray.shutdown()
 
 
 def test_classifier_judge_starts_nothing_until_used(model_folders: dict[str, Path]) -> None:

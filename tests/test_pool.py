@@ -10,11 +10,12 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from heretic_dist.distributed.pool import PoolError, WorkerPool, WorkerStartError, quiet_ray_env  # noqa: E402
+from heretic_dist.distributed.pool import PoolError, WorkerPool, WorkerStartError  # noqa: E402
 from heretic_dist.distributed.worker import ModelWorker  # noqa: E402
 from heretic_dist.testing.fake import FakeEngine  # noqa: E402
 from heretic_dist.engine.types import Prompt, Shard  # noqa: E402
 from heretic_dist.errors import UserError  # noqa: E402
+from ray_cluster import embedded_ray  # noqa: E402
 
 FAKE = "fake"
 PARAMS = {
@@ -29,13 +30,8 @@ PARAMS = {
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    quiet_ray_env()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2,
-             logging_level="WARNING", log_to_driver=False)
-    try:
+    with embedded_ray():
         yield
-    finally:
-        ray.shutdown()
 
 
 def make_pool(settings: dict | None = None, n: int = 2) -> WorkerPool:

@@ -17,6 +17,7 @@ from heretic_dist.engine.types import PartialResult
 from heretic_dist.search.objectives import objective_values, reduce_partials
 from heretic_dist.search.space import suggest_params
 from heretic_dist.search.study import open_study
+from ray_cluster import embedded_ray, finishing_tells
 
 FAKE = "fake"
 N_LAYERS = 8  # FakeEngine default
@@ -87,16 +88,8 @@ def test_reduce_partials():
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray = pytest.importorskip("ray")
-    from heretic_dist.distributed.pool import quiet_ray_env
-
-    quiet_ray_env()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2,
-             logging_level="WARNING", log_to_driver=False)
-    try:
+    with embedded_ray() as ray:
         yield ray
-    finally:
-        ray.shutdown()
 
 
 def make_pool(settings: dict | None = None):
@@ -112,16 +105,6 @@ def search(pool, tmp_path, n_trials, shards=1, n_startup=5, **kw):
                       max_attempts=3, lease_timeout_s=120)
     return run_search(pool, spec, tmp_path / "study.journal", "study", base_refusals=20, n_layers=N_LAYERS,
                       components=None, tune_dir=str(tmp_path / "tune"), **kw)
-
-
-def finishing_tells(journal) -> Counter:
-    """How many times each trial was moved to a finished state, read from the journal itself."""
-    told = Counter()
-    for line in open(journal):
-        op = json.loads(line)
-        if op["op_code"] == 6 and op["state"] in (1, 3, 4):  # SET_TRIAL_STATE_VALUES: COMPLETE/PRUNED/FAIL
-            told[op["trial_id"]] += 1
-    return told
 
 
 def test_sharding_gives_the_same_result(ray_cluster):

@@ -6,7 +6,6 @@ the FakeEngine stands in, so what is tested is the leasing, the batching and the
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import Counter
@@ -23,6 +22,7 @@ from heretic_dist.search.space import TrialParams, decode_trial_params, suggest_
 from heretic_dist.search.study import open_study
 from heretic_dist.engine.types import Shard
 from heretic_dist.testing.fake import FakeEngine
+from ray_cluster import embedded_ray, finishing_tells
 
 N_LAYERS = 8  # FakeEngine default
 
@@ -153,16 +153,8 @@ def test_fake_engine_batch_gives_each_trial_its_alone_result():
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray = pytest.importorskip("ray")
-    from heretic_dist.distributed.pool import quiet_ray_env
-
-    quiet_ray_env()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2,
-             logging_level="WARNING", log_to_driver=False)
-    try:
+    with embedded_ray() as ray:
         yield ray
-    finally:
-        ray.shutdown()
 
 
 def make_pool(k: int, n_workers: int = 2, **options):
@@ -180,15 +172,6 @@ def search(pool, tmp_path, n_trials: int, k: int, shards: int = 1):
                       trials_per_worker=k, max_attempts=3, lease_timeout_s=120)
     return run_search(pool, spec, tmp_path / "study.journal", "study", base_refusals=20, n_layers=N_LAYERS,
                       components=None, tune_dir=str(tmp_path / "tune"))
-
-
-def finishing_tells(journal) -> Counter:
-    told = Counter()
-    for line in open(journal):
-        op = json.loads(line)
-        if op["op_code"] == 6 and op["state"] in (1, 3, 4):  # SET_TRIAL_STATE_VALUES: COMPLETE/PRUNED/FAIL
-            told[op["trial_id"]] += 1
-    return told
 
 
 def test_search_with_two_trials_per_worker_batches_and_scores_each_trial_as_alone(ray_cluster, tmp_path):
