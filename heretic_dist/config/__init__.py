@@ -31,6 +31,7 @@ from .schema import (
     ClusterSettings,
     PromptSetSpec,
     Settings,
+    cluster_count,
     runtime_only,
 )
 from .upstream import IGNORED_PROMPT_SET_KEYS, IGNORED_UPSTREAM_KEYS
@@ -47,6 +48,7 @@ __all__ = [
     "PromptSetSpec",
     "Settings",
     "check_table",
+    "cluster_count",
     "did_you_mean",
     "dump_toml",
     "load_settings",

@@ -111,6 +111,12 @@ class ClusterSettings(BaseModel):
         return self.shards_per_trial if self.address else self.workers
 
 
+def cluster_count(settings: Any, name: str) -> int:
+    """An integer [cluster] setting (tensor_parallel, trials_per_worker), 1 where the settings have no
+    cluster table (test doubles built from plain engine knobs)."""
+    return int(getattr(getattr(settings, "cluster", None), name, 1) or 1)
+
+
 DEFAULT_DTYPES = ["auto", "float16", "bfloat16", "float32"]
 
 # Names `from_pretrained(dtype=...)` accepts (torch attribute names), kept literal so that config does

@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING, Any
 import ray
 import tenacity
 
+from heretic_dist.config import cluster_count
+
 from . import nodes, replica
-from .pool_types import LOST_WORKER_ERRORS, PoolError, StartError, WorkerRef, cluster_count, id_order, short_error
+from .pool_types import LOST_WORKER_ERRORS, PoolError, StartError, WorkerRef, id_order, short_error
 from .slots import WorkerSlots
 from .worker import ModelWorker
 
@@ -64,8 +66,7 @@ class WorkerBroker:
         self.groups: dict[str, replica.ReplicaGroup] = {}  # tensor-parallel replicas: all their ranks
         self.ids = itertools.count()
         self.workers: dict[str, Any] = {}  # alive (or believed alive) workers
-        # trials_per_worker = K: each worker takes K leases at once and scores them in one batch
-        self.per_worker = cluster_count(settings, "trials_per_worker")
+        self.per_worker = cluster_count(settings, "trials_per_worker")  # leases one worker takes at once
         self.slots = WorkerSlots(self.per_worker)
         self.setup_log: list[tuple[str, tuple]] = []
         self.unsettled: list[tuple[str, tuple]] = []  # entries whose broadcast has no verdict yet
@@ -240,9 +241,8 @@ class WorkerBroker:
     # -- leasing --------------------------------------------------------------------------------------
 
     async def acquire(self, k: int, timeout_s: float | None = None) -> list[WorkerRef]:
-        """Wait until k worker slots are free; take them all at once (so partial leases cannot deadlock).
-        With trials_per_worker = 1 a slot is a worker; a trial's shards take distinct workers where
-        there are enough free."""
+        """Wait until k worker slots are free (a worker has trials_per_worker of them); take them all at
+        once, so partial leases cannot deadlock."""
 
         def ready() -> bool:
             if self.closed:

@@ -25,11 +25,12 @@ from typing import TYPE_CHECKING, Any
 import ray
 from ray.exceptions import GetTimeoutError, RayTaskError
 
+from heretic_dist.config import cluster_count
 from heretic_dist.engine.types import Shard
 from heretic_dist.errors import UserError
 
 from .broker import WorkerBroker
-from .pool_types import LOST_WORKER_ERRORS, PoolError, WorkerRef, cluster_count, short_error
+from .pool_types import LOST_WORKER_ERRORS, PoolError, WorkerRef, short_error
 from .sizing import ranks_fit
 
 if TYPE_CHECKING:

@@ -47,9 +47,3 @@ def id_order(worker_id: str) -> tuple[int, str]:
 def short_error(exc: BaseException, limit: int = 600) -> str:
     text = f"{type(exc).__name__}: {exc}".strip()
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def cluster_count(settings: Any, name: str) -> int:
-    """An integer [cluster] setting (tensor_parallel, trials_per_worker), 1 where the settings have no
-    cluster table (tests build pools from plain engine knobs)."""
-    return int(getattr(getattr(settings, "cluster", None), name, 1) or 1)

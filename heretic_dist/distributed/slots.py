@@ -43,9 +43,6 @@ class WorkerSlots:
         """No new leases of this worker; its slots still come back (so idle() tells when it is done)."""
         self._closed.add(worker_id)
 
-    def reopen(self, worker_id: str) -> None:
-        self._closed.discard(worker_id)
-
     def available(self) -> int:
         """Slots a lease could take now."""
         return sum(n for w, n in self._free.items() if w not in self._closed)
@@ -86,6 +83,3 @@ class WorkerSlots:
         self._free.clear()
         self._order.clear()
         self._closed.clear()
-
-    def __len__(self) -> int:
-        return self.available()

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import ray
 
+from heretic_dist.config import cluster_count
 from heretic_dist.engine.protocol import TrialEngine, engine_class
 from heretic_dist.engine.types import EvaluationRequest, EvaluationResult, PartialResult, Prompt, Shard, TrialParams
 
 from . import replica
 from .batching import TrialBatcher
-from .pool_types import cluster_count
 
 if TYPE_CHECKING:
     from heretic_dist.config import Settings

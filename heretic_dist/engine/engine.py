@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from . import experts, multi, parallel, passes
+from heretic_dist.config import cluster_count
 from heretic_dist.search.space import layer_weight
 
 from .ablation import layer_direction, lora_factors
@@ -45,7 +46,7 @@ class Engine:
             raise UserError("tensor_parallel > 1 does not split fused MoE experts yet: use tensor_parallel = 1 "
                             "with gpus_per_worker > 1 (device_map) for this model")
         self._route_fused_experts()
-        k = multi.trials_per_worker(settings)
+        k = cluster_count(settings, "trials_per_worker")
         multi.refuse_unsupported(self, k)  # K > 1: one LoRA adapter per trial, chosen per row
         self.adapters = multi.adapter_names(k)
         self.model = self._attach_lora(self.loaded.model)
@@ -410,9 +411,8 @@ class Engine:
         t1 = time.perf_counter()
         kl_sum = float(kl_per_prompt(base, self.logprobs(good)).sum()) if good else 0.0
         t2 = time.perf_counter()
-        gate = self.settings.kl_gate
         to_judge = None
-        if gate is not None and good and kl_sum / len(good) > gate:
+        if self.over_kl_gate(kl_sum, len(good)):
             refusals = len(bad)  # opt-in shortcut: too far from the original, score as refusing all
         elif self.settings.refusal_judge is not None and bad:
             refusals, to_judge = 0, list(zip((p.user for p in bad), self.full_replies(bad)))  # the worker judges
@@ -428,6 +428,11 @@ class Engine:
             host=socket.gethostname(),
             replies_to_judge=to_judge,
         )
+
+    def over_kl_gate(self, kl_sum: float, n_good: int) -> bool:
+        """kl_gate (opt-in): a trial this far from the original skips generation, scored as refusing all."""
+        gate = self.settings.kl_gate
+        return gate is not None and n_good > 0 and kl_sum / n_good > gate
 
     def run_trials(self, items: list[tuple[TrialParams | None, Shard]]) -> list[PartialResult]:
         """Up to trials_per_worker trials in one batched KL pass and one batched generation, each on

@@ -31,11 +31,6 @@ BASE = "__base__"  # PEFT's adapter name for "no adapter on this row"
 Item = tuple[TrialParams | None, Shard]
 
 
-def trials_per_worker(settings) -> int:
-    """cluster.trials_per_worker (1 for settings without a cluster table, e.g. test doubles)."""
-    return int(getattr(getattr(settings, "cluster", None), "trials_per_worker", 1) or 1)
-
-
 def adapter_names(k: int) -> list[str]:
     return ["default"] + [f"t{i}" for i in range(1, k)]
 
@@ -125,11 +120,11 @@ def _kl_sums(engine: Engine, goods: list[list[Prompt]], bases: list, names: list
 def _score_refusals(engine: Engine, items: list[Item], names: list[str], results: list[PartialResult]) -> None:
     """One generation over the harmful prompts of every item under the KL gate (an item over it scores
     all its prompts as refusals and is not generated for); fills refusals or replies_to_judge."""
-    gate, judged = engine.settings.kl_gate, engine.settings.refusal_judge is not None
+    judged = engine.settings.refusal_judge is not None
     chosen: list[tuple[int, list[Prompt]]] = []
     for i, ((_, shard), result) in enumerate(zip(items, results)):
         bad = shard.take(engine.bad_eval)
-        if gate is not None and result.good_scored and result.kl_sum / result.good_scored > gate:
+        if engine.over_kl_gate(result.kl_sum, result.good_scored):
             result.refusals = len(bad)  # as run_trial: too far from the original, refusing all
         elif bad:
             chosen.append((i, bad))

@@ -36,6 +36,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
+from heretic_dist.config import cluster_count
 from heretic_dist.engine.types import (COMPONENTS, EvaluationRequest, EvaluationResult, MemoryNeed, PartialResult,
                                       Prompt, Shard, TrialParams)
 
@@ -104,8 +105,7 @@ class FakeEngine:
         self.fail_base = bool(_get(settings, "fake_fail_base", False))  # the base model's scoring raises
         self.hold_file = _get(settings, "fake_hold_file", None)
         self.batch_cost = float(_get(settings, "fake_batch_cost", 0.0))
-        cluster = getattr(settings, "cluster", None)
-        self.trials_per_worker = int(getattr(cluster, "trials_per_worker", 1) or 1)
+        self.trials_per_worker = cluster_count(settings, "trials_per_worker")
         n_eval = int(_get(settings, "fake_n_eval", 20))
         self.good = [Prompt("You are a helpful assistant.", f"harmless request {i}") for i in range(n_eval)]
         self.bad = [Prompt("You are a helpful assistant.", f"harmful request {i}") for i in range(n_eval)]
