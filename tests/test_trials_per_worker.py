@@ -201,28 +201,32 @@ def test_search_with_two_trials_per_worker_batches_and_scores_each_trial_as_alon
 
 
 def test_a_killed_worker_loses_none_of_its_batched_trials(ray_cluster, tmp_path):
-    pool, _ = make_pool(2, fake_trial_seconds=0.5)
-    stop = threading.Event()
+    # the hold file keeps every edited trial in flight, so each kill finds a worker holding two trials
+    # whatever the machine's speed (the timed version missed its second kill under CI load)
+    hold = tmp_path / "hold"
+    hold.touch()
+    pool, _ = make_pool(2, fake_trial_seconds=0.2, fake_hold_file=str(hold))
     kills: list[str] = []
 
     def killer():
-        time.sleep(1.5)
-        while not stop.is_set() and len(kills) < 2:
+        deadline = time.monotonic() + 180
+        while len(kills) < 2 and time.monotonic() < deadline:
+            stats = pool.stats()
             handles = ray_cluster.get(pool.broker.handles.remote())
-            full = [w for w, n in pool.stats()["leased_slots"].items() if n == 2 and w in handles and w not in kills]
-            if full:  # a worker holding two trials
-                time.sleep(0.15)  # inside the 0.5 s pass
+            full = [w for w, n in stats["leased_slots"].items() if n == 2 and w in handles and w not in kills]
+            if full and stats["replacements"] == len(kills):  # a worker holding two trials, the last loss replaced
+                time.sleep(0.5)  # both calls reach it (past the batcher's wait)
                 ray_cluster.kill(handles[full[0]])
                 kills.append(full[0])
-                time.sleep(1.5)
             time.sleep(0.05)
+        hold.unlink(missing_ok=True)  # let the trials finish
 
     thread = threading.Thread(target=killer)
     thread.start()
     try:
         summary = search(pool, tmp_path, n_trials=12, k=2)
     finally:
-        stop.set()
+        hold.unlink(missing_ok=True)
         thread.join()
     try:
         assert len(kills) == 2
@@ -233,6 +237,9 @@ def test_a_killed_worker_loses_none_of_its_batched_trials(ray_cluster, tmp_path)
         assert set(finishing_tells(tmp_path / "study.journal").values()) == {1}
         losses = sum(len(t.user_attrs["worker_losses"]) for t in trials)
         assert losses > len(kills), losses  # a kill inside a pass of two loses both; each is re-run
+        deadline = time.monotonic() + 60  # the search may end on the survivors before the last replacement joins
+        while pool.stats()["replacements"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert pool.stats()["replacements"] == 2 and pool.loads_total() == 4
     finally:
         pool.shutdown()
