@@ -147,13 +147,15 @@ def test_early_stop_keeps_refusal_counts(llama):
     assert any(0 < c < len(BAD) for c in counts), counts  # otherwise the test decides nothing
 
 
-SPEEDUPS = ("early_stop", "fast_generation", "sort_by_length", "prepack")
+SPEEDUPS = ("early_stop", "fast_generation", "sort_by_length", "prepack", "share_prefix")
 
 
 def set_speedups(engine: Engine, on: set[str]) -> None:
     engine.early_stop = "early_stop" in on
     engine.fast_generation = "fast_generation" in on
     engine.sort_by_length = "sort_by_length" in on
+    engine.share_prefix = "share_prefix" in on
+    assert engine.share_prefix == ("share_prefix" in on)  # the model supports it: a real comparison
     if "prepack" in on:
         assert engine.prepack() > 0  # really packed: otherwise this compares plain with plain
     else:

@@ -66,9 +66,11 @@ class Engine:
         self.early_stop = True
         self.fast_generation = True
         self._sort_by_length = True
+        from . import prefix
         from .generation import plain_greedy_supported
 
         self._plain_greedy = plain_greedy_supported(self.model)
+        self._share_prefix = prefix.supported(self.model)  # the prompts' shared head prefilled once a pass
         self.prepacked_bytes = 0
         if settings.prepack_weights:
             self.prepack()
@@ -82,6 +84,19 @@ class Engine:
         if value != self._sort_by_length:
             self._baselines.clear()  # the other batching changes the last bits of the log-probs
         self._sort_by_length = value
+
+    @property
+    def share_prefix(self) -> bool:
+        return self._share_prefix
+
+    @share_prefix.setter
+    def share_prefix(self, value: bool) -> None:
+        from . import prefix
+
+        value = value and prefix.supported(self.model)
+        if value != self._share_prefix:
+            self._baselines.clear()  # the other path changes the last bits of the log-probs
+        self._share_prefix = value
 
     def prepack(self) -> int:
         """Prepack the frozen CPU linear weights (not the LoRA factors) when memory allows them.
@@ -260,7 +275,8 @@ class Engine:
     def logprobs(self, prompts: list[Prompt], adapters: list[str] | None = None) -> torch.Tensor:
         """First-token log-probs; `adapters`: each prompt's LoRA adapter (None: the active one)."""
         return self._with_batch("forward", lambda b: passes.logprobs(
-            self.model, self.tokenizer, prompts, self.response_prefix, b, self.sort_by_length, adapters))
+            self.model, self.tokenizer, prompts, self.response_prefix, b, self.sort_by_length, adapters,
+            self.share_prefix))
 
     def refusal_replies(self, prompts: list[Prompt], adapters: list[str] | None = None) -> list[str]:
         """Replies to score (a reply may stop early once it contains a marker: its verdict is fixed).
@@ -271,7 +287,8 @@ class Engine:
 
             texts = passes.render(self.tokenizer, prompts, self.response_prefix)
             return self._with_batch("generate", lambda b: greedy_replies(
-                self.model, self.tokenizer, texts, self.settings.max_response_length, b, stop, adapters))
+                self.model, self.tokenizer, texts, self.settings.max_response_length, b, stop, adapters,
+                self.share_prefix))
         return self._with_batch("generate", lambda b: passes.generate_replies(
             self.model, self.tokenizer, prompts, self.response_prefix,
             self.settings.max_response_length, b, True, stop, adapters=adapters))

@@ -143,7 +143,7 @@ def long_replies(engine: Engine, prompts: list[Prompt], max_new_tokens: int) -> 
 
         texts = passes.render(tokenizer, prompts, engine.response_prefix)
         return engine._with_batch("generate", lambda b: greedy_replies(
-            model, tokenizer, texts, max_new_tokens, b, None))
+            model, tokenizer, texts, max_new_tokens, b, None, share_prefix=engine.share_prefix))
     return engine._with_batch("generate", lambda b: passes.generate_replies(
         model, tokenizer, prompts, engine.response_prefix, max_new_tokens, b, True))
 

@@ -32,7 +32,7 @@ def plain_greedy_supported(model) -> bool:
     return len(processors) == 0 and not sliding and layer_types <= {"full_attention"}
 
 
-def _cache_kwarg(model) -> str:
+def cache_kwarg(model) -> str:
     """transformers 5 renamed the forward argument past_key_values to cache."""
     import inspect
 
@@ -71,13 +71,14 @@ class _Rows:
         self.next_tokens = self.next_tokens[idx]
         for layer in self.cache.layers:
             layer.keys, layer.values = layer.keys[idx], layer.values[idx]
-        # columns that are padding in every remaining row: drop them
-        used = self.mask.any(dim=0).nonzero()
-        first = int(used[0]) if len(used) else 0
-        if first > 0:
-            self.mask = self.mask[:, first:]
+        # columns that are padding in every remaining row (left of the prompts, or between a shared
+        # prefix and the prompts' own tokens): drop them
+        used = self.mask.any(dim=0)
+        if len(self.index) and not bool(used.all()):
+            columns = used.nonzero().squeeze(-1)
+            self.mask = self.mask[:, columns]
             for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+                layer.keys, layer.values = layer.keys[:, :, columns], layer.values[:, :, columns]
 
     def merge(self, other: _Rows) -> None:
         """Append other's rows; the shorter history is left-padded (mask 0), so rows stay left-padded."""
@@ -104,6 +105,23 @@ class _Rows:
         self.generated += other.generated
 
 
+def _prefill_inputs(head, sequences: list[list[int]], pad_id: int, device, row_adapters: list[str] | None):
+    """Model inputs and a fresh cache for prefilling `sequences` (after `head`, a SharedPrefix, if given)."""
+    from transformers import DynamicCache
+
+    if head is not None:
+        return head.inputs(sequences, pad_id, device), head.cache(row_adapters, len(sequences))
+    longest = max(len(ids) for ids in sequences)
+    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for r, sequence in enumerate(sequences):
+        ids[r, longest - len(sequence):] = torch.tensor(sequence)
+        mask[r, longest - len(sequence):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}, DynamicCache()
+
+
 @torch.inference_mode()
 def greedy_replies(
     model,
@@ -113,39 +131,38 @@ def greedy_replies(
     batch_size: int,
     decided: Callable[[str], bool] | None = None,
     adapters: list[str] | None = None,
+    share_prefix: bool = False,
 ) -> list[str]:
     """Greedy replies (decoded without special tokens), stopping each row at EOS, at max_new_tokens,
     or once decided(reply so far) is true. `adapters`: the LoRA adapter of each text (several trials
     in one batch); each call names the adapters of the rows it holds, so a row that leaves takes its
-    adapter with it."""
-    from transformers import DynamicCache
-
+    adapter with it. `share_prefix`: the texts' common leading tokens are prefilled once
+    (engine/prefix.py) and each prefill starts from them."""
+    from . import prefix
     from .passes import adapter_kwargs
 
     device = model.device
     eos = _eos_ids(model, tokenizer)
-    encoded = [tokenizer(t, return_token_type_ids=False)["input_ids"] for t in texts]
+    shared = prefix.split(model, tokenizer, texts, adapters) if share_prefix else None
+    if shared is None:
+        head = None
+        encoded = [tokenizer(t, return_token_type_ids=False)["input_ids"] for t in texts]
+    else:
+        head, encoded = shared  # encoded: each text's tokens after the shared ones
     waiting = deque(sorted(range(len(texts)), key=lambda i: -len(encoded[i])))
     replies = [""] * len(texts)
     rows = _Rows()
     pad_id = tokenizer.pad_token_id
-    cache_arg = _cache_kwarg(model)
+    cache_arg = cache_kwarg(model)
 
     def prefill(indices: list[int]) -> _Rows:
         group = _Rows()
-        longest = max(len(encoded[i]) for i in indices)
-        ids = torch.full((len(indices), longest), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(indices), longest), dtype=torch.long)
-        for r, i in enumerate(indices):
-            ids[r, longest - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[r, longest - len(encoded[i]):] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        cache = DynamicCache()
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                    logits_to_keep=1, **{cache_arg: cache}, **adapter_kwargs(adapters, indices))
+        inputs, cache = _prefill_inputs(head, [encoded[i] for i in indices], pad_id, device,
+                                        None if adapters is None else [adapters[i] for i in indices])
+        out = model(**inputs, use_cache=True, logits_to_keep=1, **{cache_arg: cache},
+                    **adapter_kwargs(adapters, indices))
         group.index, group.generated = list(indices), [[] for _ in indices]
-        group.mask, group.cache = mask, cache  # the cache object is filled in place
+        group.mask, group.cache = inputs["attention_mask"], cache  # the cache object is filled in place
         group.next_tokens = out.logits[:, -1, :].float().argmax(dim=-1)
         return group
 

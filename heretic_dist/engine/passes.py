@@ -158,14 +158,26 @@ def by_length(tokenizer, texts: list[str]) -> list[int]:
 
 
 def logprobs(model, tokenizer, prompts: list[Prompt], response_prefix: str, batch_size: int,
-             sort_by_length: bool = True, adapters: list[str] | None = None) -> torch.Tensor:
+             sort_by_length: bool = True, adapters: list[str] | None = None,
+             share_prefix: bool = False) -> torch.Tensor:
     """First-token log-probs in prompt order (computed in length-sorted batches when asked).
-    `adapters`: the LoRA adapter of each prompt (several trials in one pass), None = the active one."""
+    `adapters`: the LoRA adapter of each prompt (several trials in one pass), None = the active one.
+    `share_prefix`: the prompts' common leading tokens are prefilled once (engine/prefix.py)."""
+    from . import prefix
+
     texts = render(tokenizer, prompts, response_prefix)
     order = by_length(tokenizer, texts) if sort_by_length else list(range(len(texts)))
-    parts = [first_token_logprobs(model, tokenize(tokenizer, [texts[i] for i in b], model.device),
-                                  **adapter_kwargs(adapters, b)).cpu()
-             for b in batches(order, batch_size)]
+    shared = prefix.split(model, tokenizer, texts, adapters) if share_prefix else None
+    parts = []
+    for b in batches(order, batch_size):
+        if shared is None:
+            inputs = tokenize(tokenizer, [texts[i] for i in b], model.device)
+            parts.append(first_token_logprobs(model, inputs, **adapter_kwargs(adapters, b)).cpu())
+        else:
+            head, suffixes = shared
+            parts.append(prefix.first_token_logprobs(
+                model, head, [suffixes[i] for i in b], tokenizer.pad_token_id,
+                None if adapters is None else [adapters[i] for i in b]).cpu())
     result = torch.cat(parts, dim=0)
     return result[torch.argsort(torch.tensor(order))]
 
