@@ -18,8 +18,8 @@ Usage:
 3. This machine's sustained fp32 matmul rate, with torch's thread count as the engine runs: torch.mm and
    the engine's prepacked nn.Linear (engine/prepack.py; the faster of the two counts) at the model's
    Linear shapes, for the row counts of a prefill call (batch x prompt tokens) and of a decode step
-   (batch rows), each the work-weighted median over the trials' calls. The compute limit of a phase is its FLOPs over the prefill-shape rate (the best
-   this CPU sustains); the decode steps are also shown against the rate at their own row count (a
+   (batch rows), each the work-weighted median over the trials' calls. The compute limit of a phase is
+   its FLOPs over the prefill-shape rate (the best this CPU sustains); the decode steps are also shown against the rate at their own row count (a
    decode step re-reads every weight for a few rows: memory-bound, not compute-bound).
 4. Printed: per phase FLOPs, real vs padded rows, the limit in seconds and ours (the engine's own
    kl_s / generation_s timings), and the trial as a whole: ours / limit.

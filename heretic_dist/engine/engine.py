@@ -70,7 +70,8 @@ class Engine:
         from .generation import plain_greedy_supported
 
         self._plain_greedy = plain_greedy_supported(self.model)
-        self._share_prefix = prefix.supported(self.model)  # the prompts' shared head prefilled once a pass
+        self._prefix_fits = prefix.supported(self.model)
+        self._share_prefix = self._prefix_fits  # the prompts' shared head prefilled once a pass
         self.prepacked_bytes = 0
         if settings.prepack_weights:
             self.prepack()
@@ -91,9 +92,7 @@ class Engine:
 
     @share_prefix.setter
     def share_prefix(self, value: bool) -> None:
-        from . import prefix
-
-        value = value and prefix.supported(self.model)
+        value = value and self._prefix_fits
         if value != self._share_prefix:
             self._baselines.clear()  # the other path changes the last bits of the log-probs
         self._share_prefix = value

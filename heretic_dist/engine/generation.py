@@ -26,10 +26,9 @@ def plain_greedy_supported(model) -> bool:
                                                  device="cpu", model_kwargs={})
     except Exception:  # private API changed: stay on the safe path
         return False
-    text_config = model.config.get_text_config()
-    sliding = getattr(text_config, "sliding_window", None) and getattr(text_config, "use_sliding_window", True)
-    layer_types = set(getattr(text_config, "layer_types", None) or ["full_attention"])
-    return len(processors) == 0 and not sliding and layer_types <= {"full_attention"}
+    from .prefix import supported as plain_cache_fits
+
+    return len(processors) == 0 and plain_cache_fits(model)
 
 
 def cache_kwarg(model) -> str:
@@ -109,17 +108,11 @@ def _prefill_inputs(head, sequences: list[list[int]], pad_id: int, device, row_a
     """Model inputs and a fresh cache for prefilling `sequences` (after `head`, a SharedPrefix, if given)."""
     from transformers import DynamicCache
 
-    if head is not None:
-        return head.inputs(sequences, pad_id, device), head.cache(row_adapters, len(sequences))
-    longest = max(len(ids) for ids in sequences)
-    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-    for r, sequence in enumerate(sequences):
-        ids[r, longest - len(sequence):] = torch.tensor(sequence)
-        mask[r, longest - len(sequence):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}, DynamicCache()
+    from .prefix import left_padded
+
+    if head is None:
+        return left_padded(sequences, pad_id, device), DynamicCache()
+    return left_padded(sequences, pad_id, device, head.length), head.cache(row_adapters, len(sequences))
 
 
 @torch.inference_mode()
@@ -143,11 +136,10 @@ def greedy_replies(
 
     device = model.device
     eos = _eos_ids(model, tokenizer)
-    shared = prefix.split(model, tokenizer, texts, adapters) if share_prefix else None
-    if shared is None:
-        head = None
-        encoded = [tokenizer(t, return_token_type_ids=False)["input_ids"] for t in texts]
-    else:
+    encoded = [tokenizer(t, return_token_type_ids=False)["input_ids"] for t in texts]
+    shared = prefix.split(model, encoded, adapters) if share_prefix else None
+    head = None
+    if shared is not None:
         head, encoded = shared  # encoded: each text's tokens after the shared ones
     waiting = deque(sorted(range(len(texts)), key=lambda i: -len(encoded[i])))
     replies = [""] * len(texts)

@@ -151,10 +151,9 @@ def residuals(
     return torch.cat(parts)
 
 
-def by_length(tokenizer, texts: list[str]) -> list[int]:
-    """Indices of texts, longest first: batches of similar length waste less compute on padding."""
-    lengths = [len(ids) for ids in tokenizer(texts, return_token_type_ids=False)["input_ids"]]
-    return sorted(range(len(texts)), key=lambda i: -lengths[i])
+def by_length(encoded: list[list[int]]) -> list[int]:
+    """Indices of token lists, longest first: batches of similar length waste less compute on padding."""
+    return sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
 
 
 def logprobs(model, tokenizer, prompts: list[Prompt], response_prefix: str, batch_size: int,
@@ -166,8 +165,9 @@ def logprobs(model, tokenizer, prompts: list[Prompt], response_prefix: str, batc
     from . import prefix
 
     texts = render(tokenizer, prompts, response_prefix)
-    order = by_length(tokenizer, texts) if sort_by_length else list(range(len(texts)))
-    shared = prefix.split(model, tokenizer, texts, adapters) if share_prefix else None
+    encoded = tokenizer(texts, return_token_type_ids=False)["input_ids"]
+    order = by_length(encoded) if sort_by_length else list(range(len(texts)))
+    shared = prefix.split(model, encoded, adapters) if share_prefix else None
     parts = []
     for b in batches(order, batch_size):
         if shared is None:

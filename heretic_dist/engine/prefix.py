@@ -35,18 +35,31 @@ def shared_length(encoded: list[list[int]]) -> int:
     return length
 
 
-def split(model, tokenizer, texts: list[str], adapters: list[str] | None
+def split(model, encoded: list[list[int]], adapters: list[str] | None
           ) -> tuple[SharedPrefix, list[list[int]]] | None:
-    """The texts' shared leading tokens, prefilled (per adapter in `adapters`), and each text's own
-    remaining tokens; None when they share nothing."""
+    """The shared leading tokens of the token lists, prefilled (per adapter in `adapters`), and each
+    list's own remaining tokens; None when they share nothing."""
     from .generation import cache_kwarg
 
-    encoded = tokenizer(texts, return_token_type_ids=False)["input_ids"]
     length = shared_length(encoded)
     if length == 0:
         return None
     head = SharedPrefix(model, encoded[0][:length], adapters, cache_kwarg(model))
     return head, [ids[length:] for ids in encoded]
+
+
+def left_padded(sequences: list[list[int]], pad_id: int, device, head: int = 0) -> dict[str, torch.Tensor]:
+    """Left-padded ids, their mask with `head` already cached tokens in front, and the positions of
+    the ids (skipping the padding): the inputs of a prefill call."""
+    longest = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), head + longest), dtype=torch.long)
+    mask[:, :head] = 1
+    for r, sequence in enumerate(sequences):
+        ids[r, longest - len(sequence):] = torch.tensor(sequence, dtype=torch.long)
+        mask[r, head + longest - len(sequence):] = 1
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, head:]
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
 
 
 class SharedPrefix:
@@ -82,25 +95,13 @@ class SharedPrefix:
             cache.update(keys[at], values[at], layer)
         return cache
 
-    def inputs(self, suffixes: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
-        """Left-padded suffix ids, the mask over prefix + suffix, and the suffix tokens' positions."""
-        longest = max(len(s) for s in suffixes)
-        ids = torch.full((len(suffixes), longest), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(suffixes), self.length + longest), dtype=torch.long)
-        mask[:, : self.length] = 1
-        for r, suffix in enumerate(suffixes):
-            ids[r, longest - len(suffix):] = torch.tensor(suffix, dtype=torch.long)
-            mask[r, self.length + longest - len(suffix):] = 1
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, self.length:]
-        return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
-
 
 def first_token_logprobs(model, prefix: SharedPrefix, suffixes: list[list[int]], pad_id: int,
                          row_adapters: list[str] | None) -> torch.Tensor:
     """passes.first_token_logprobs for prompts = prefix + suffix, starting from the prefix's cache."""
     import torch.nn.functional as F
 
-    inputs = prefix.inputs(suffixes, pad_id, model.device)
+    inputs = left_padded(suffixes, pad_id, model.device, prefix.length)
     names = {} if row_adapters is None else {"adapter_names": row_adapters}
     with torch.inference_mode():
         out = model(**inputs, use_cache=True, logits_to_keep=1,
