@@ -22,6 +22,7 @@ from heretic_dist.engine.types import EvaluationRequest, EvaluationResult, Parti
 
 from . import replica
 from .batching import TrialBatcher
+from .engine_thread import EngineThread, on_engine_thread
 
 if TYPE_CHECKING:
     from heretic_dist.config import Settings
@@ -69,12 +70,15 @@ class ModelWorker:
         # surface as a bare ActorDiedError with the real cause buried in a log.
         self.load_error: str | None = None
         self._engine_name = engine
+        # the model loads and every engine call runs on this one thread (engine_thread.py says why)
+        self.engine_thread = EngineThread()
         # trials_per_worker = K > 1: the actor takes K run_trial calls at once, scored K to a pass
         k = cluster_count(settings, "trials_per_worker")
         self._batcher: TrialBatcher | None = TrialBatcher(self._score, k) if k > 1 else None
         if world_size == 1:
             self._load()
 
+    @on_engine_thread
     def _load(self) -> None:
         start = time.perf_counter()
         try:
@@ -142,14 +146,17 @@ class ModelWorker:
             raise RuntimeError(f"worker {self.worker_id} has no engine: {self.load_error}")
         return self.engine
 
+    @on_engine_thread
     def responses(self, prompts: list[Prompt], skip_special_tokens: bool = False) -> list[str]:
         with self._lockstep("responses", prompts, skip_special_tokens):
             return self._engine().responses(prompts, skip_special_tokens)
 
+    @on_engine_thread
     def prefix_replies(self, prompts: list[Prompt]) -> list[str]:
         with self._lockstep("prefix_replies", prompts):
             return self._engine().prefix_replies(prompts)
 
+    @on_engine_thread
     def set_response_prefix(self, prefix: str) -> None:
         with self._lockstep("set_response_prefix", prefix):
             self._engine().set_response_prefix(prefix)
@@ -158,17 +165,20 @@ class ModelWorker:
                 self._judge = None
             self._prefix = prefix
 
+    @on_engine_thread
     def residual_sums(self, prompts: list[Prompt]):
         """(float64 sums, count). Sums are a CPU torch tensor (Ray ships it zero-copy as numpy)."""
         with self._lockstep("residual_sums", prompts):
             sums, count = self._engine().residual_sums(prompts)
         return sums.detach().to("cpu").double(), int(count)
 
+    @on_engine_thread
     def residuals(self, prompts: list[Prompt]):
         """First-token residuals per prompt, (n, L+2, d) float32 CPU tensor (research mode)."""
         with self._lockstep("residuals", prompts):
             return self._engine().residuals(prompts).detach().to("cpu").float()
 
+    @on_engine_thread
     def set_directions(self, directions) -> None:
         """Called with an ObjectRef from ray.put: Ray resolves it once per worker."""
         import torch
@@ -178,10 +188,12 @@ class ModelWorker:
         with self._lockstep("set_directions", directions):
             self._engine().set_directions(directions)
 
+    @on_engine_thread
     def set_eval_prompts(self, good: list[Prompt], bad: list[Prompt]) -> None:
         with self._lockstep("set_eval_prompts", good, bad):
             self._engine().set_eval_prompts(good, bad)
 
+    @on_engine_thread
     def warm_baselines(self, shards: list[Shard]) -> None:
         """Compute the unedited log-probs of the shards trials will use, once, before any trial."""
         with self._lockstep("warm_baselines", shards):
@@ -196,6 +208,7 @@ class ModelWorker:
         result.host = self.host
         return result
 
+    @on_engine_thread
     def _score(self, items: list[tuple[TrialParams | None, Shard]]) -> list[PartialResult]:
         """One trial through the engine's run_trial; several (trials_per_worker > 1, never with
         tensor parallelism) in one batched pass of its run_trials."""
@@ -225,6 +238,7 @@ class ModelWorker:
         result.replies_to_judge = None
         result.timings["judge_s"] = time.perf_counter() - t
 
+    @on_engine_thread
     def evaluate(self, params: dict[str, Any] | TrialParams | None, request: EvaluationRequest) -> EvaluationResult:
         """evaluate-front's measures of one candidate (None = the unedited model)."""
         if isinstance(params, dict):
