@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The same trials in a plain process and in a Ray actor: is there a Ray-worker penalty, and why?
+"""The same trials in a plain process, on a second thread of it, and in a Ray actor: the Ray-worker penalty.
 
 Usage:
   python scripts/bench_ray_penalty.py [--model bench|smollm2] [--trials 4] [--rounds 2]
@@ -7,10 +7,13 @@ Usage:
 
 One function (`measure`: load our Engine on the benchmark model with the benchmark settings of
 scripts/bench_trials_per_worker.py, compute directions, one untimed warm-up trial, then --trials seeded
-random parameter sets with run_trial) runs in this process ("plain") and in a Ray actor reserving all
-of this machine's CPUs ("ray": `ray.init(num_cpus=os.cpu_count())`, an actor with that many CPUs),
-alternating --rounds times so that drift of a shared machine hits both alike. Printed: seconds per
-trial and per phase (edit, KL, generation) for each, their ratio, and what differs between the two
+random parameter sets with run_trial) runs in this process ("plain"), in this process with the trials
+scored on a second thread after loading on the first ("second thread": how a Ray actor ran trials
+before heretic_dist/distributed/engine_thread.py, __init__ on its main thread and methods on a
+concurrency group's), and as a Ray task reserving all of this machine's CPUs ("ray":
+`ray.init(num_cpus=os.cpu_count())`), alternating --rounds times so that drift of a shared machine
+hits all alike. Printed: seconds per trial and per phase (edit, KL, generation) for each, the cores
+it kept busy (process CPU seconds over wall seconds), its ratio to plain, and what differs between the
 processes that could explain one: thread settings (torch intra/inter-op threads, OMP/MKL/OpenBLAS
 variables), CPU affinity, niceness, allocator variables (LD_PRELOAD, MALLOC_*), and the environment
 variables Ray added. Same results are checked (refusals equal, KL equal).
@@ -52,23 +55,39 @@ def process_facts() -> dict:
 
 
 def measure(args_dict: dict) -> dict:
-    """Load, warm up, score the trials; per-trial timings and results, and this process's facts."""
+    """Load, warm up, score the trials; per-trial timings and results, and this process's facts. With
+    `score_thread` the trials are scored on a second thread (the model loaded on this one), as a Ray actor
+    did before its engine thread (heretic_dist/distributed/engine_thread.py)."""
+    import threading
+
     import torch
 
     from heretic_dist.engine.types import Shard
 
-    args = argparse.Namespace(**args_dict)
+    args = argparse.Namespace(**{k: v for k, v in args_dict.items() if k != "score_thread"})
     torch.set_grad_enabled(False)
     t = time.perf_counter()
     engine, params, model = btw.load_engine(args, 1)
     load_s = time.perf_counter() - t
-    engine.run_trial(None, Shard())
-    engine.run_trial(params[0], Shard())  # warm-up, untimed
-    trials = []
-    for p in params:
-        t = time.perf_counter()
-        r = engine.run_trial(p, Shard())
-        trials.append({"wall": time.perf_counter() - t, **r.timings, "refusals": r.refusals, "kl_sum": r.kl_sum})
+    trials: list[dict] = []
+
+    def score() -> None:
+        torch.set_grad_enabled(False)  # per thread
+        engine.run_trial(None, Shard())
+        engine.run_trial(params[0], Shard())  # warm-up, untimed
+        for p in params:
+            t, cpu = time.perf_counter(), time.process_time()
+            r = engine.run_trial(p, Shard())
+            wall = time.perf_counter() - t
+            trials.append({"wall": wall, "cores": (time.process_time() - cpu) / wall, **r.timings,
+                           "refusals": r.refusals, "kl_sum": r.kl_sum})
+
+    if args_dict.get("score_thread"):
+        worker = threading.Thread(target=score)
+        worker.start()
+        worker.join()
+    else:
+        score()
     return {"trials": trials, "load_s": load_s, "model": model, "facts": process_facts()}
 
 
@@ -88,21 +107,25 @@ def mean(rows: list[dict], key: str) -> float:
 
 
 def report(runs: dict[str, list[dict]]) -> list[str]:
-    lines = [f"{'where':<7} {'s/trial':>8} {'edit s':>7} {'kl s':>7} {'gen s':>7}   (mean over all rounds' trials)"]
+    keys = ("wall", "cores", "edit_s", "kl_s", "generation_s")
+    lines = [f"{'where':<13} {'s/trial':>8} {'cores':>6} {'edit s':>7} {'kl s':>7} {'gen s':>7}   "
+             "(mean over all rounds' trials; cores = process CPU seconds / wall seconds)"]
     stats = {}
     for where, results in runs.items():
         rows = [t for res in results for t in res["trials"]]
-        stats[where] = {k: mean(rows, k) for k in ("wall", "edit_s", "kl_s", "generation_s")}
-        s = stats[where]
-        lines.append(f"{where:<7} {s['wall']:8.3f} {s['edit_s']:7.3f} {s['kl_s']:7.3f} {s['generation_s']:7.3f}")
-    ratio = {k: stats["ray"][k] / stats["plain"][k] if stats["plain"][k] else float("nan") for k in stats["ray"]}
-    lines.append(f"{'ray/plain':<7} {ratio['wall']:8.2f} {ratio['edit_s']:7.2f} {ratio['kl_s']:7.2f} "
-                 f"{ratio['generation_s']:7.2f}")
-    per_round = [f"{w} " + ", ".join(f"{mean(res['trials'], 'wall'):.3f}" for res in results) for w, results in runs.items()]
+        stats[where] = s = {k: mean(rows, k) for k in keys}
+        lines.append(f"{where:<13} {s['wall']:8.3f} {s['cores']:6.2f} {s['edit_s']:7.3f} {s['kl_s']:7.3f} "
+                     f"{s['generation_s']:7.3f}")
+    for where in [w for w in runs if w != "plain"]:
+        r = {k: stats[where][k] / stats["plain"][k] if stats["plain"][k] else float("nan") for k in keys}
+        lines.append(f"{where + '/plain':<13} {r['wall']:8.2f} {r['cores']:6.2f} {r['edit_s']:7.2f} "
+                     f"{r['kl_s']:7.2f} {r['generation_s']:7.2f}")
+    per_round = [f"{w} " + ", ".join(f"{mean(res['trials'], 'wall'):.3f}" for res in results)
+                 for w, results in runs.items()]
     lines += ["s/trial per round: " + "; ".join(per_round)]
     same = all(a["refusals"] == b["refusals"] and a["kl_sum"] == b["kl_sum"]
-               for a, b in zip(runs["plain"][0]["trials"], runs["ray"][0]["trials"]))
-    lines += [f"same refusals and KL in both: {same}", "", "process facts:"]
+               for other in runs.values() for a, b in zip(runs["plain"][0]["trials"], other[0]["trials"]))
+    lines += [f"same refusals and KL in all: {same}", "", "process facts:"]
     plain, ray_ = runs["plain"][0]["facts"], runs["ray"][0]["facts"]
     for key in ("torch_threads", "interop_threads", "affinity", "nice", "vars"):
         lines.append(f"  {key:<16} plain {plain[key]!s:<40} ray {ray_[key]!s}")
@@ -123,23 +146,25 @@ def main() -> int:
     command = "python scripts/bench_ray_penalty.py " + shlex.join(sys.argv[1:])
     _, quiet = bd.wait_for_quiet(args.max_load, args.wait)
     before, date = bd.load_text(), bd.now_utc()
-    runs: dict[str, list[dict]] = {"plain": [], "ray": []}
+    runs: dict[str, list[dict]] = {"plain": [], "second thread": [], "ray": []}
     for _ in range(args.rounds):
         runs["plain"].append(measure(engine_args))
+        runs["second thread"].append(measure({**engine_args, "score_thread": True}))
         runs["ray"].append(in_ray(engine_args))
     after = bd.load_text()
     head = [bd.load_line(before, quiet, after), "",
             f"model {runs['plain'][0]['model']}, float32 on the CPU; {args.trials} trials per round (random "
-            f"parameters, seed {args.seed}), {args.rounds} rounds alternating plain / ray, {args.good_eval} + "
-            f"{args.bad_eval} prompts, {args.max_response_length} new tokens", ""]
+            f"parameters, seed {args.seed}), {args.rounds} rounds alternating plain / second thread / "
+            f"ray, {args.good_eval} + {args.bad_eval} prompts, {args.max_response_length} new tokens", ""]
     text = "\n".join(head + report(runs))
     print(f"$ {command}\n{text}")
     if args.record:
         bd.record("bench_ray_penalty", "The same trials in a plain process and in a Ray actor "
                   "(`scripts/bench_ray_penalty.py`)",
-                  "one function loads our Engine and scores the same seeded trials, run in this process and in "
-                  "a Ray actor holding all CPUs, alternating rounds; what differs between the two processes is "
-                  "printed (definitions in the script's docstring).", command, date, text)
+                  "one function loads our Engine and scores the same seeded trials, run in this process (scoring "
+                  "on the loading thread or on a second one) and as a Ray task holding all CPUs, alternating "
+                  "rounds; what differs between the processes is printed (definitions in the script's "
+                  "docstring).", command, date, text)
     return 0
 
 
