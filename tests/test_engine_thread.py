@@ -15,16 +15,7 @@ from heretic_dist.distributed.engine_thread import EngineThread
 from heretic_dist.distributed.worker import ModelWorker
 from heretic_dist.engine import protocol
 from heretic_dist.engine.types import Shard, TrialParams
-from heretic_dist.testing.fake import FakeEngine
-
-PARAMS = {
-    "direction_scope": "global",
-    "direction_index": 3.2,
-    "components": {
-        "attn.o_proj": {"max_weight": 1.1, "max_weight_position": 5.0, "min_weight": 0.4, "min_weight_distance": 3.0},
-        "mlp.down_proj": {"max_weight": 0.9, "max_weight_position": 6.0, "min_weight": 0.2, "min_weight_distance": 2.0},
-    },
-}
+from heretic_dist.testing.fake import SAMPLE_PARAMS as PARAMS, FakeEngine
 
 
 class ThreadProbe(FakeEngine):

@@ -12,20 +12,12 @@ ray = pytest.importorskip("ray")
 
 from heretic_dist.distributed.pool import PoolError, WorkerPool, WorkerStartError  # noqa: E402
 from heretic_dist.distributed.worker import ModelWorker  # noqa: E402
-from heretic_dist.testing.fake import FakeEngine  # noqa: E402
+from heretic_dist.testing.fake import SAMPLE_PARAMS as PARAMS, FakeEngine  # noqa: E402
 from heretic_dist.engine.types import Prompt, Shard  # noqa: E402
 from heretic_dist.errors import UserError  # noqa: E402
 from ray_cluster import embedded_ray  # noqa: E402
 
 FAKE = "fake"
-PARAMS = {
-    "direction_scope": "global",
-    "direction_index": 3.2,
-    "components": {
-        "attn.o_proj": {"max_weight": 1.1, "max_weight_position": 5.0, "min_weight": 0.4, "min_weight_distance": 3.0},
-        "mlp.down_proj": {"max_weight": 0.9, "max_weight_position": 6.0, "min_weight": 0.2, "min_weight_distance": 2.0},
-    },
-}
 
 
 @pytest.fixture(scope="module")

@@ -46,6 +46,17 @@ if TYPE_CHECKING:  # torch is imported where a method needs it: a pool of fake w
     from heretic_dist.config import Settings
 
 
+# One trial's parameters as they travel to a worker (a dict, TrialParams.from_dict's form), for tests
+# that need some trial and not a particular one.
+SAMPLE_PARAMS: dict[str, Any] = {
+    "direction_scope": "global",
+    "direction_index": 3.2,
+    "components": {
+        "attn.o_proj": {"max_weight": 1.1, "max_weight_position": 5.0, "min_weight": 0.4, "min_weight_distance": 3.0},
+        "mlp.down_proj": {"max_weight": 0.9, "max_weight_position": 6.0, "min_weight": 0.2, "min_weight_distance": 2.0},
+    },
+}
+
 def _get(settings: Settings | dict[str, Any] | None, key: str, default: Any) -> Any:
     """A knob from a plain dict, or from the `engine_options` of a Settings object."""
     if settings is None:
