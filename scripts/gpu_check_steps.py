@@ -231,10 +231,11 @@ def make_settings(args: dict):
     from heretic_dist.config import Settings
 
     extra = {"cluster": {"tensor_parallel": args["tensor_parallel"]}} if args.get("tensor_parallel", 1) > 1 else {}
+    # draft_tokens = 0 by default: the decode limit counts one new token per row per decode step
     return Settings(model=args["folder"], dtypes=[args.get("dtype", "bfloat16")],
                     quantization=args.get("quantization", "none"), max_response_length=args["tokens"],
                     batch_size=args.get("batch_size", 0), seed=0, response_prefix="",
-                    prepack_weights=False, **extra)
+                    prepack_weights=False, draft_tokens=args.get("draft_tokens", 0), **extra)
 
 
 def force_full_length(engine) -> None:

@@ -310,8 +310,8 @@ def test_result_affecting_contains_search_settings_only():
     s = Settings(model="m")
     ra = s.result_affecting()
     json.dumps(ra)  # JSON-able
-    speed_only = {"cluster", "batch_size", "max_batch_size", "prepack_weights", "device_map", "max_memory",
-                  "n_trials", "evaluate_model", "trust_remote_code", "engine_options",
+    speed_only = {"cluster", "batch_size", "max_batch_size", "prepack_weights", "draft_tokens", "device_map",
+                  "max_memory", "n_trials", "evaluate_model", "trust_remote_code", "engine_options",
                   # research mode's keys (plots and tables, never trial results)
                   "print_residual_geometry", "plot_residuals", "residual_plot_path", "residual_plot_title",
                   "residual_plot_style",
@@ -413,7 +413,7 @@ def test_result_affecting_equals_the_old_explicit_list():
 
 
 NEW_RUNTIME_ONLY = {"engine_options", "print_residual_geometry", "plot_residuals", "residual_plot_path",
-                    "residual_plot_title", "residual_plot_style", "evaluation"}
+                    "residual_plot_title", "residual_plot_style", "evaluation", "draft_tokens"}
 
 
 def test_engine_is_result_affecting_and_its_options_are_not():

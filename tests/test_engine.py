@@ -41,6 +41,7 @@ def llama(tmp_path_factory):
 
 def ready_engine(folder, **overrides) -> Engine:
     engine = Engine(make_settings(folder, **overrides))
+    engine._drafts.policy.fixed_cost = (1.0, 0.0)  # draft widths that do not depend on timing
     good_sum, good_n = engine.residual_sums(GOOD)
     bad_sum, bad_n = engine.residual_sums(BAD)
     engine.set_directions(directions_from_sums(good_sum, good_n, bad_sum, bad_n, True))
@@ -147,7 +148,7 @@ def test_early_stop_keeps_refusal_counts(llama):
     assert any(0 < c < len(BAD) for c in counts), counts  # otherwise the test decides nothing
 
 
-SPEEDUPS = ("early_stop", "fast_generation", "sort_by_length", "prepack", "share_prefix")
+SPEEDUPS = ("early_stop", "fast_generation", "sort_by_length", "prepack", "share_prefix", "drafts")
 
 
 def set_speedups(engine: Engine, on: set[str]) -> None:
@@ -155,6 +156,7 @@ def set_speedups(engine: Engine, on: set[str]) -> None:
     engine.fast_generation = "fast_generation" in on
     engine.sort_by_length = "sort_by_length" in on
     engine.share_prefix = "share_prefix" in on
+    engine.draft_replies = "drafts" in on  # the reply memory fills while drafts are on
     assert engine.share_prefix == ("share_prefix" in on)  # the model supports it: a real comparison
     if "prepack" in on:
         assert engine.prepack() > 0  # really packed: otherwise this compares plain with plain
@@ -190,6 +192,7 @@ def test_speedups_keep_results(llama, off):
         assert fast_kl == pytest.approx(slow_kl, rel=1e-3, abs=1e-9)
     assert any(0 < r < len(BAD) for (r, _), _ in pairs)  # some rows decided early, some not
     assert any(kl > 1e-3 for (_, kl), _ in pairs)
+    assert engine._drafts.policy.accepted > 7.0 + 5  # draft tokens were really kept (7: the prior)
 
 
 def test_speedups_keep_results_on_smollm2():
@@ -223,6 +226,7 @@ def test_speedups_keep_results_on_smollm2():
             assert on.refusals == slow.refusals, off
             assert on.kl_sum == pytest.approx(slow.kl_sum, rel=1e-4), off
             assert on.kl_sum > 1e-3
+    assert engine._drafts.policy.accepted > 7.0 + 5  # draft tokens were really kept (7: the prior)
     set_speedups(engine, set(SPEEDUPS))  # and back on: the first results again
     again = engine.run_trial(trials[0], Shard())
     assert again.refusals == fast[0].refusals and again.kl_sum == pytest.approx(fast[0].kl_sum, rel=1e-6)

@@ -276,6 +276,11 @@ class Settings(BaseModel):
         description="On CPU, keep float32 linear weights also in oneDNN's prepacked layout: forwards "
         "2-3x faster for one more copy of those weights in memory (skipped when memory is short)",
     )
+    draft_tokens: int = runtime_only(
+        default=4, ge=0, le=64,
+        description="Greedy decoding checks up to this many draft tokens per step, taken from earlier "
+        "trials' replies to the same prompt (same replies up to float rounding, fewer forward calls; 0 = off)",
+    )
     # research mode (`heretic-dist research`; upstream's keys): they change no trial result
     print_residual_geometry: bool = runtime_only(
         default=False, description="Before the search, print the residual geometry table per layer (research mode)")

@@ -15,6 +15,7 @@ from heretic_dist.search.space import layer_weight
 
 from .ablation import layer_direction, lora_factors
 from .components import LayerComponents, find_components
+from .drafts import Drafts
 from .loading import load_model
 from .scoring import MarkerRefusalScorer, kl_per_prompt
 from .types import EvaluationRequest, EvaluationResult, PartialResult, Prompt, Shard, TrialParams
@@ -72,6 +73,9 @@ class Engine:
         self._plain_greedy = plain_greedy_supported(self.model)
         self._prefix_fits = prefix.supported(self.model)
         self._share_prefix = self._prefix_fits  # the prompts' shared head prefilled once a pass
+        # draft tokens from earlier replies (engine/drafts.py); the memory lives as long as the engine
+        self.draft_replies = settings.draft_tokens > 0
+        self._drafts = Drafts(max(settings.draft_tokens, 1))
         self.prepacked_bytes = 0
         if settings.prepack_weights:
             self.prepack()
@@ -287,7 +291,7 @@ class Engine:
             texts = passes.render(self.tokenizer, prompts, self.response_prefix)
             return self._with_batch("generate", lambda b: greedy_replies(
                 self.model, self.tokenizer, texts, self.settings.max_response_length, b, stop, adapters,
-                self.share_prefix))
+                self.share_prefix, self._drafts if self.draft_replies else None))
         return self._with_batch("generate", lambda b: passes.generate_replies(
             self.model, self.tokenizer, prompts, self.response_prefix,
             self.settings.max_response_length, b, True, stop, adapters=adapters))

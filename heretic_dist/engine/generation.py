@@ -5,15 +5,22 @@ reply is decided as soon as it contains a marker (or ends), so this loop drops d
 batch (and from the KV cache) and refills their slots with waiting prompts, longest prompts first.
 It computes exactly what greedy generate() computes for each row when the model's generation config
 has no logits processors; otherwise (e.g. a repetition penalty) the caller falls back to generate().
+With draft tokens (engine/drafts.py) a decode call also checks each row's draft, so a row may gain
+several tokens in one call; they are the tokens one-at-a-time decoding gives, and the row stops where
+it would have stopped.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .drafts import Drafts
 
 
 def plain_greedy_supported(model) -> bool:
@@ -61,17 +68,16 @@ class _Rows:
         return len(self.index)
 
     def keep(self, keep: list[int]) -> None:
-        if len(keep) == len(self.index):
-            return
-        idx = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
-        self.index = [self.index[i] for i in keep]
-        self.generated = [self.generated[i] for i in keep]
-        self.mask = self.mask[idx]
-        self.next_tokens = self.next_tokens[idx]
-        for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[idx], layer.values[idx]
-        # columns that are padding in every remaining row (left of the prompts, or between a shared
-        # prefix and the prompts' own tokens): drop them
+        if len(keep) != len(self.index):
+            idx = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+            self.index = [self.index[i] for i in keep]
+            self.generated = [self.generated[i] for i in keep]
+            self.mask = self.mask[idx]
+            self.next_tokens = self.next_tokens[idx]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+        # columns that are padding in every remaining row (left of the prompts, between a shared prefix
+        # and the prompts' own tokens, or draft tokens no row kept): drop them
         used = self.mask.any(dim=0)
         if len(self.index) and not bool(used.all()):
             columns = used.nonzero().squeeze(-1)
@@ -115,6 +121,73 @@ def _prefill_inputs(head, sequences: list[list[int]], pad_id: int, device, row_a
     return left_padded(sequences, pad_id, device, head.length), head.cache(row_adapters, len(sequences))
 
 
+def _decode(model, rows: _Rows, drafts: list[list[int]], pad_id: int, cache_arg: str,
+            adapter_args: dict) -> list[list[int]]:
+    """One decode call: each row's pending token, then its draft tokens (a causal block), right-aligned
+    (rows with shorter drafts start with masked filler). Returns each row's emitted tokens (_accept)."""
+    n, width, device = len(rows), 1 + max((len(d) for d in drafts), default=0), rows.mask.device
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    fresh = torch.zeros((n, width), dtype=rows.mask.dtype)
+    positions = torch.ones((n, width), dtype=torch.long)
+    counts = rows.mask.sum(dim=-1).tolist()  # each row's tokens so far: the pending token's position
+    pending = rows.next_tokens.tolist()  # one device sync, not one per row
+    for r, draft in enumerate(drafts):
+        block = [pending[r]] + draft
+        ids[r, width - len(block):] = torch.tensor(block, dtype=torch.long)
+        fresh[r, width - len(block):] = 1
+        positions[r, width - len(block):] = torch.arange(counts[r], counts[r] + len(block))
+    rows.mask = torch.cat([rows.mask, fresh.to(device)], dim=1)
+    out = model(input_ids=ids.to(device), attention_mask=rows.mask, position_ids=positions.to(device),
+                use_cache=True, logits_to_keep=width, **{cache_arg: rows.cache}, **adapter_args)
+    predicted = out.logits.float().argmax(dim=-1).tolist()
+    return _accept(rows.mask, rows.mask.shape[1], drafts,
+                   [p[width - 1 - len(d):] for p, d in zip(predicted, drafts)])
+
+
+def _accept(mask: torch.Tensor, end: int, drafts: list[list[int]], predicted: list[list[int]]) -> list[list[int]]:
+    """Each row's emitted tokens: its leading draft tokens that greedy decoding agrees with, then the
+    model's token after them. predicted[r][j]: the model's token after the row's tokens up to
+    draft[j - 1]. Row r's draft ends just before column `end`; the draft tokens not kept are masked
+    out (and their columns dropped once no row uses them)."""
+    from .drafts import accepted_length
+
+    emitted = []
+    for r, draft in enumerate(drafts):
+        kept = accepted_length(draft, predicted[r])
+        if kept < len(draft):
+            mask[r, end - len(draft) + kept:end] = 0
+        emitted.append(predicted[r][:kept + 1])
+    return emitted
+
+
+def _advance(tokenizer, generated: list[int], tokens: list[int], eos: set[int], max_new_tokens: int,
+             decided: Callable[[str], bool] | None) -> int | None:
+    """Append a row's emitted tokens one at a time, stopping where one-token decoding would. Returns
+    None while the row goes on, else the EOS token that ended it, or -1 (full length, or decided)."""
+    for token in tokens:
+        if token in eos:
+            return token
+        generated.append(token)
+        if len(generated) >= max_new_tokens or (
+                decided is not None and decided(tokenizer.decode(generated, skip_special_tokens=True))):
+            return -1
+    return None
+
+
+def _drafted_decode(model, rows: _Rows, keys: list[tuple[int, ...]], drafts: Drafts | None, max_new_tokens: int,
+                    pad_id: int, cache_arg: str, adapter_args: dict) -> list[list[int]]:
+    """One decode call with each row's draft (none without `drafts`); the call's cost and the drafts'
+    fate are reported to the policy."""
+    if drafts is None:
+        return _decode(model, rows, [[] for _ in rows.index], pad_id, cache_arg, adapter_args)
+    started = time.perf_counter()
+    proposed = drafts.for_rows(keys, rows.generated, [max_new_tokens - len(g) - 1 for g in rows.generated])
+    emitted = _decode(model, rows, proposed, pad_id, cache_arg, adapter_args)
+    drafts.policy.observe_call(len(rows) * (1 + max(map(len, proposed), default=0)), time.perf_counter() - started)
+    drafts.policy.observe_drafts(sum(map(len, proposed)), sum(len(e) - 1 for e in emitted))
+    return emitted
+
+
 @torch.inference_mode()
 def greedy_replies(
     model,
@@ -125,18 +198,21 @@ def greedy_replies(
     decided: Callable[[str], bool] | None = None,
     adapters: list[str] | None = None,
     share_prefix: bool = False,
+    drafts: Drafts | None = None,
 ) -> list[str]:
     """Greedy replies (decoded without special tokens), stopping each row at EOS, at max_new_tokens,
     or once decided(reply so far) is true. `adapters`: the LoRA adapter of each text (several trials
     in one batch); each call names the adapters of the rows it holds, so a row that leaves takes its
     adapter with it. `share_prefix`: the texts' common leading tokens are prefilled once
-    (engine/prefix.py) and each prefill starts from them."""
+    (engine/prefix.py) and each prefill starts from them. `drafts`: earlier replies to the same texts
+    propose tokens that each decode call checks (engine/drafts.py); finished replies are added."""
     from . import prefix
     from .passes import adapter_kwargs
 
     device = model.device
     eos = _eos_ids(model, tokenizer)
     encoded = [tokenizer(t, return_token_type_ids=False)["input_ids"] for t in texts]
+    keys = [tuple(ids) for ids in encoded]
     shared = prefix.split(model, encoded, adapters) if share_prefix else None
     head = None
     if shared is not None:
@@ -158,33 +234,28 @@ def greedy_replies(
         group.next_tokens = out.logits[:, -1, :].float().argmax(dim=-1)
         return group
 
-    def settle(group: _Rows) -> None:
-        """Record each row's new token; drop rows that ended or were decided."""
+    def settle(group: _Rows, emitted: list[list[int]]) -> None:
+        """Record each row's new tokens; drop rows that ended or were decided."""
         keep = []
-        for r, token in enumerate(group.next_tokens.tolist()):
+        for r, tokens in enumerate(emitted):
             generated = group.generated[r]
-            done = token in eos
-            if not done:
-                generated.append(token)
-            text = tokenizer.decode(generated, skip_special_tokens=True)
-            if done or len(generated) >= max_new_tokens or (decided is not None and decided(text)):
-                replies[group.index[r]] = text
-            else:
+            ended = _advance(tokenizer, generated, tokens, eos, max_new_tokens, decided)
+            if ended is None:
                 keep.append(r)
+                continue
+            replies[group.index[r]] = tokenizer.decode(generated, skip_special_tokens=True)
+            if drafts is not None:
+                drafts.memory.add(keys[group.index[r]], generated + ([ended] if ended >= 0 else []))
+        group.next_tokens = torch.tensor([tokens[-1] for tokens in emitted], dtype=torch.long, device=device)
         group.keep(keep)
 
     while waiting or rows:
         if waiting and len(rows) < batch_size:
             take = [waiting.popleft() for _ in range(min(batch_size - len(rows), len(waiting)))]
             fresh = prefill(take)
-            settle(fresh)
+            settle(fresh, [[token] for token in fresh.next_tokens.tolist()])
             rows.merge(fresh)
             continue
-        rows.mask = torch.cat([rows.mask, torch.ones_like(rows.mask[:, :1])], dim=1)
-        positions = rows.mask.sum(dim=-1, keepdim=True) - 1
-        out = model(input_ids=rows.next_tokens[:, None], attention_mask=rows.mask, position_ids=positions,
-                    use_cache=True, logits_to_keep=1, **{cache_arg: rows.cache},
-                    **adapter_kwargs(adapters, rows.index))
-        rows.next_tokens = out.logits[:, -1, :].float().argmax(dim=-1)
-        settle(rows)
+        settle(rows, _drafted_decode(model, rows, [keys[i] for i in rows.index], drafts, max_new_tokens,
+                                     pad_id, cache_arg, adapter_kwargs(adapters, rows.index)))
     return replies
