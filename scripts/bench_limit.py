@@ -3,7 +3,7 @@
 
 Usage:
   python scripts/bench_limit.py [--model bench|smollm2] [--trials 3] [--good-eval 20] [--bad-eval 20]
-      [--max-response-length 30] [--batch-size 16] [--seed 42] [--max-load 1.0] [--wait 300] [--record]
+      [--max-response-length 30] [--batch-size 16] [--seed 42] [--draft-tokens 4] [--max-load 1.0] [--wait 300] [--record]
 
 1. Our Engine runs in this process on the benchmark model (Qwen2.5-Coder-0.5B-Instruct GGUF, float32 on
    the CPU, as scripts/bench_vs_upstream.py) with the benchmark settings, for `--trials` random trial
@@ -54,6 +54,7 @@ class WorkCounter:
         import torch.nn as nn
 
         self.phase: str | None = None  # the engine's pass: "kl" or "refusal_prefill" (generation)
+        self.in_decode = False  # inside generation._decode: a decode step (one token, or a draft block)
         self.call_phase: str | None = None  # that pass's current decoder call: prefill or a decode step
         self.flops = defaultdict(float)  # phase -> FLOPs (linear + attention)
         self.attn_flops = defaultdict(float)
@@ -80,8 +81,8 @@ class WorkCounter:
         mask = kwargs.get("attention_mask")
         context = int(mask.shape[-1]) if mask is not None else int(new)
         phase = self.phase
-        if phase == "refusal_prefill" and new == 1:
-            phase = "decode"  # generate(): the first call is the prompt's prefill, then one token a step
+        if phase == "refusal_prefill" and (new == 1 or self.in_decode):
+            phase = "decode"  # generate(): the prompt's prefill, then one token a step; ours may check drafts
         self.call_phase = phase  # the Linears that follow (layers, LM head) belong to this call
         attn = 2.0 * 2.0 * self.n_heads * self.head_dim * batch * new * context * self.n_layers
         self.attn_flops[phase] += attn
@@ -155,7 +156,7 @@ def run(args) -> dict:
     specs = {k: PromptSetSpec(dataset=path, split=split) for k, (path, split) in par.prompt_sets(args).items()}
     settings = Settings(model=str(gguf), dtypes=["float32"], device_map="cpu", batch_size=args.batch_size,
                         max_response_length=args.max_response_length, n_trials=args.trials,
-                        n_startup_trials=args.trials, seed=args.seed, **specs)
+                        n_startup_trials=args.trials, seed=args.seed, draft_tokens=args.draft_tokens, **specs)
     sets = {k: load_prompt_set(spec, settings.system_prompt, label=k) for k, spec in specs.items()}
     engine = Engine(settings)
     engine.set_response_prefix(engine.detect_response_prefix(sets["good_prompts"] + sets["bad_prompts"]))
@@ -169,6 +170,7 @@ def run(args) -> dict:
     n_heads, head_dim = config.num_attention_heads, getattr(config, "head_dim", None) or (
         config.hidden_size // config.num_attention_heads)
     counter = WorkCounter(engine.model, n_heads, head_dim, info["n_layers"])
+    engine._drafts.policy.calls = engine._drafts.policy.wide_calls = 0  # count the trials' calls only
     _phase_wrappers(engine, counter)
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(args.seed))
     space = SearchSpace(info["n_layers"], settings.allow_mlp_off, tuple(info["components"]))
@@ -187,8 +189,11 @@ def run(args) -> dict:
     # the layer's own weights; LoRA factors (rank-wide) are counted in the FLOPs but would drag the rate down
     linear_shapes = sorted({(m.in_features, m.out_features) for m in _decoder(engine.model).layers[0].modules()
                             if isinstance(m, torch.nn.Linear) and min(m.in_features, m.out_features) >= 64})
+    policy = engine._drafts.policy if engine.draft_replies else None
     return {"trials": trials, "counter": counter, "shapes": linear_shapes, "threads": torch.get_num_threads(),
-            "model": gguf.name, "n_layers": info["n_layers"]}
+            "drafts": None if policy is None else {"acceptance": policy.acceptance(), "cost": policy.cost(1),
+                                                   "calls": policy.calls, "wide_calls": policy.wide_calls},
+            "model": gguf.name, "n_layers": info["n_layers"], "draft_tokens": settings.draft_tokens}
 
 
 def _phase_wrappers(engine, counter: WorkCounter) -> None:
@@ -204,6 +209,18 @@ def _phase_wrappers(engine, counter: WorkCounter) -> None:
                 counter.phase = counter.call_phase = None
 
         setattr(engine, name, wrapped)
+    from heretic_dist.engine import generation
+
+    original_decode = generation._decode
+
+    def decode(*a, **kw):
+        counter.in_decode = True
+        try:
+            return original_decode(*a, **kw)
+        finally:
+            counter.in_decode = False
+
+    generation._decode = decode
 
 
 def work_median(rows_per_call: list[int]) -> int:
@@ -263,6 +280,12 @@ def report(facts: dict) -> list[str]:
               f"with the decode steps at their own row count's rate instead: limit {floor:.3f} s, "
               f"ours / limit = {whole / floor:.2f} (where the time over the compute limit goes: decoding "
               f"{decode_flops / decode_rate - decode_flops / peak:.3f} s, memory-bound)"]
+    drafts = facts["drafts"]
+    if drafts:  # engine/drafts.py: decode calls that also checked draft tokens (their FLOPs count above)
+        a, b = drafts["cost"]
+        lines.append(f"draft tokens (draft_tokens = {facts['draft_tokens']}): {drafts['wide_calls']} of "
+                     f"{drafts['calls']} decode calls checked drafts, {drafts['acceptance']:.2f} of draft tokens "
+                     f"kept; fitted decode call cost {a * 1e3:.1f} ms + {b * 1e3:.2f} ms per query position")
     return lines
 
 
@@ -277,6 +300,7 @@ def main() -> int:
     p.add_argument("--max-response-length", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--draft-tokens", type=int, default=4, help="the engine's draft_tokens (0 = off)")
     p.add_argument("--max-load", type=float, default=1.0)
     p.add_argument("--wait", type=float, default=300)
     p.add_argument("--record", action="store_true")

@@ -41,7 +41,9 @@ def llama(tmp_path_factory):
 
 def ready_engine(folder, **overrides) -> Engine:
     engine = Engine(make_settings(folder, **overrides))
-    engine._drafts.policy.fixed_cost = (1.0, 0.0)  # draft widths that do not depend on timing
+    # a fixed cost per decode call (1 + 0.02 per position) instead of the fitted one: draft widths that
+    # do not depend on timing
+    engine._drafts.policy.fixed_cost = (1.0, 0.02)
     good_sum, good_n = engine.residual_sums(GOOD)
     bad_sum, bad_n = engine.residual_sums(BAD)
     engine.set_directions(directions_from_sums(good_sum, good_n, bad_sum, bad_n, True))
@@ -148,7 +150,8 @@ def test_early_stop_keeps_refusal_counts(llama):
     assert any(0 < c < len(BAD) for c in counts), counts  # otherwise the test decides nothing
 
 
-SPEEDUPS = ("early_stop", "fast_generation", "sort_by_length", "prepack", "share_prefix", "drafts")
+SPEEDUPS = ("early_stop", "fast_generation", "sort_by_length", "prepack", "share_prefix", "drafts",
+            "cost_batches")
 
 
 def set_speedups(engine: Engine, on: set[str]) -> None:
@@ -157,6 +160,7 @@ def set_speedups(engine: Engine, on: set[str]) -> None:
     engine.sort_by_length = "sort_by_length" in on
     engine.share_prefix = "share_prefix" in on
     engine.draft_replies = "drafts" in on  # the reply memory fills while drafts are on
+    engine.cost_batches = "cost_batches" in on
     assert engine.share_prefix == ("share_prefix" in on)  # the model supports it: a real comparison
     if "prepack" in on:
         assert engine.prepack() > 0  # really packed: otherwise this compares plain with plain

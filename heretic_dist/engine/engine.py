@@ -23,6 +23,9 @@ from .types import EvaluationRequest, EvaluationResult, PartialResult, Prompt, S
 log = logging.getLogger(__name__)
 
 
+CPU_CALL_TOKENS = 32.0  # see Engine.call_tokens
+
+
 def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
@@ -75,6 +78,7 @@ class Engine:
         self._share_prefix = self._prefix_fits  # the prompts' shared head prefilled once a pass
         # draft tokens from earlier replies (engine/drafts.py); the memory lives as long as the engine
         self.draft_replies = settings.draft_tokens > 0
+        self._cost_batches = True  # the KL pass's batches cut by call cost (passes.length_groups)
         self._drafts = Drafts(max(settings.draft_tokens, 1))
         self.prepacked_bytes = 0
         if settings.prepack_weights:
@@ -89,6 +93,16 @@ class Engine:
         if value != self._sort_by_length:
             self._baselines.clear()  # the other batching changes the last bits of the log-probs
         self._sort_by_length = value
+
+    @property
+    def cost_batches(self) -> bool:
+        return self._cost_batches
+
+    @cost_batches.setter
+    def cost_batches(self, value: bool) -> None:
+        if value != self._cost_batches:
+            self._baselines.clear()  # the other batching changes the last bits of the log-probs
+        self._cost_batches = value
 
     @property
     def share_prefix(self) -> bool:
@@ -279,7 +293,14 @@ class Engine:
         """First-token log-probs; `adapters`: each prompt's LoRA adapter (None: the active one)."""
         return self._with_batch("forward", lambda b: passes.logprobs(
             self.model, self.tokenizer, prompts, self.response_prefix, b, self.sort_by_length, adapters,
-            self.share_prefix))
+            self.share_prefix, self.call_tokens()))
+
+    def call_tokens(self) -> float:
+        """A forward call's fixed cost (re-reading every weight) in tokens of its per-token cost, for
+        cutting the KL pass's batches. A constant, so the unedited model's baseline and every trial are
+        batched alike: on the benchmark CPU a call costs ~90-100 ms plus ~2-3 ms per token
+        (docs/benchmarks.md, bench_limit). Not measured on GPUs: plain batches there."""
+        return CPU_CALL_TOKENS if self._cost_batches and self.model.device.type == "cpu" else float("inf")
 
     def refusal_replies(self, prompts: list[Prompt], adapters: list[str] | None = None) -> list[str]:
         """Replies to score (a reply may stop early once it contains a marker: its verdict is fixed).

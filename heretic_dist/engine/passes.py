@@ -33,6 +33,27 @@ def batches(items: list, size: int) -> Iterator[list]:
         yield items[start : start + size]
 
 
+def length_groups(order: list[int], lengths: list[int], size: int, call_tokens: float) -> list[list[int]]:
+    """`order` (indices, longest first) cut into consecutive batches of at most `size` that minimize the
+    padded tokens computed plus `call_tokens` per call (a call's fixed cost, e.g. re-reading the
+    weights, in tokens): a few long prompts then get a batch of their own instead of padding every row
+    to their length. call_tokens = inf gives plain batches of `size`."""
+    n, size = len(order), max(size, 1)
+    if call_tokens == float("inf") or n <= 1:
+        return list(batches(order, size))
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for end in range(1, n + 1):
+        for start in range(max(0, end - size), end):
+            cost = best[start] + call_tokens + (end - start) * lengths[order[start]]
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups, end = [], n
+    while end:
+        groups.append(order[cut[end]:end])
+        end = cut[end]
+    return groups[::-1]
+
+
 def adapter_kwargs(adapters: list[str] | None, rows: list[int]) -> dict[str, list[str]]:
     """PEFT's per-row adapter choice for these prompt indices ("__base__" = no adapter), or nothing:
     with one trial per pass no argument is passed, so PEFT keeps its plain single-adapter forward."""
@@ -158,18 +179,22 @@ def by_length(encoded: list[list[int]]) -> list[int]:
 
 def logprobs(model, tokenizer, prompts: list[Prompt], response_prefix: str, batch_size: int,
              sort_by_length: bool = True, adapters: list[str] | None = None,
-             share_prefix: bool = False) -> torch.Tensor:
+             share_prefix: bool = False, call_tokens: float = float("inf")) -> torch.Tensor:
     """First-token log-probs in prompt order (computed in length-sorted batches when asked).
     `adapters`: the LoRA adapter of each prompt (several trials in one pass), None = the active one.
-    `share_prefix`: the prompts' common leading tokens are prefilled once (engine/prefix.py)."""
+    `share_prefix`: the prompts' common leading tokens are prefilled once (engine/prefix.py).
+    `call_tokens`: a forward call's fixed cost in tokens; sorted batches are then cut to minimize
+    padding plus calls (length_groups)."""
     from . import prefix
 
     texts = render(tokenizer, prompts, response_prefix)
     encoded = tokenizer(texts, return_token_type_ids=False)["input_ids"]
     order = by_length(encoded) if sort_by_length else list(range(len(texts)))
     shared = prefix.split(model, encoded, adapters) if share_prefix else None
+    own = [len(ids) for ids in (shared[1] if shared is not None else encoded)]  # tokens each row computes
+    groups = length_groups(order, own, batch_size, call_tokens) if sort_by_length else batches(order, batch_size)
     parts = []
-    for b in batches(order, batch_size):
+    for b in groups:
         if shared is None:
             inputs = tokenize(tokenizer, [texts[i] for i in b], model.device)
             parts.append(first_token_logprobs(model, inputs, **adapter_kwargs(adapters, b)).cpu())
