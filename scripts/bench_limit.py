@@ -21,7 +21,11 @@ Usage:
    (batch rows), each the work-weighted median over the trials' calls. The compute limit of a phase is
    its FLOPs over the prefill-shape rate (the best this CPU sustains); the decode steps are also shown against the rate at their own row count (a
    decode step re-reads every weight for a few rows: memory-bound, not compute-bound).
-4. Printed: per phase FLOPs, real vs padded rows, the limit in seconds and ours (the engine's own
+4. The memory floor of the decode steps: every decode call streams all weights of the model's Linears
+   (LM head included) from memory, so it takes at least their bytes over this machine's read bandwidth
+   (measured: summing a 1 GiB float32 tensor, torch's threads), or its FLOPs over the compute rate if
+   that is longer. Summed over the decode calls actually made (draft blocks included).
+5. Printed: per phase FLOPs, real vs padded rows, the limit in seconds and ours (the engine's own
    kl_s / generation_s timings), and the trial as a whole: ours / limit.
 --record writes the section `bench_limit` of docs/benchmarks.md.
 """
@@ -137,6 +141,19 @@ def matmul_rate(shapes: list[tuple[int, int]], rows: int, seconds: float = 1.5) 
     return rates
 
 
+def read_bandwidth(gib: float = 1.0, seconds: float = 1.5) -> float:
+    """Sustained read bandwidth [bytes/s]: torch.sum over a tensor far larger than any cache."""
+    import torch
+
+    big = torch.ones(int(gib * (1 << 30)) // 4)
+    big.sum()  # warm-up (pages touched)
+    reads, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        big.sum()
+        reads += big.numel() * 4
+    return reads / (time.perf_counter() - t0)
+
+
 def run(args) -> dict:
     import optuna
     import torch
@@ -190,7 +207,10 @@ def run(args) -> dict:
     linear_shapes = sorted({(m.in_features, m.out_features) for m in _decoder(engine.model).layers[0].modules()
                             if isinstance(m, torch.nn.Linear) and min(m.in_features, m.out_features) >= 64})
     policy = engine._drafts.policy if engine.draft_replies else None
+    weight_bytes = sum(m.weight.numel() * m.weight.element_size() for name, m in engine.model.named_modules()
+                       if isinstance(m, torch.nn.Linear) and ".lora_" not in name)  # what a decode call streams
     return {"trials": trials, "counter": counter, "shapes": linear_shapes, "threads": torch.get_num_threads(),
+            "weight_bytes": weight_bytes,
             "drafts": None if policy is None else {"acceptance": policy.acceptance(), "cost": policy.cost(1),
                                                    "calls": policy.calls, "wide_calls": policy.wide_calls},
             "model": gguf.name, "n_layers": info["n_layers"], "draft_tokens": settings.draft_tokens}
@@ -280,6 +300,15 @@ def report(facts: dict) -> list[str]:
               f"with the decode steps at their own row count's rate instead: limit {floor:.3f} s, "
               f"ours / limit = {whole / floor:.2f} (where the time over the compute limit goes: decoding "
               f"{decode_flops / decode_rate - decode_flops / peak:.3f} s, memory-bound)"]
+    bandwidth = read_bandwidth()
+    per_call = facts["weight_bytes"] / bandwidth
+    decode_rows_total = max(sum(c.row_shapes["decode"]), 1)
+    memory_floor = sum(max(per_call, decode_flops * rows / decode_rows_total / peak)
+                       for rows in c.row_shapes["decode"]) / n
+    real_floor = limit_total - decode_flops / peak + memory_floor
+    lines += [f"memory floor of the decode steps: {c.calls['decode'] // n} calls x {facts['weight_bytes'] / 1e9:.2f} GB "
+              f"of Linear weights / {bandwidth / 1e9:.1f} GB/s read bandwidth = {memory_floor:.3f} s per trial; "
+              f"with it: limit {real_floor:.3f} s, ours / limit = {whole / real_floor:.2f}"]
     drafts = facts["drafts"]
     if drafts:  # engine/drafts.py: decode calls that also checked draft tokens (their FLOPs count above)
         a, b = drafts["cost"]
