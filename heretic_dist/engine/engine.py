@@ -80,6 +80,8 @@ class Engine:
         self.draft_replies = settings.draft_tokens > 0
         self._cost_batches = True  # the KL pass's batches cut by call cost (passes.length_groups)
         self._drafts = Drafts(max(settings.draft_tokens, 1))
+        if self.tensor_parallel:  # every rank must make the same calls: no widths from its own timings
+            self._drafts.policy.fixed_cost = (1.0, 0.0)
         self.prepacked_bytes = 0
         if settings.prepack_weights:
             self.prepack()

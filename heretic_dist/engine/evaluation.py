@@ -72,10 +72,14 @@ def encode(tokenizer, texts: list[str], max_length: int | None = None) -> list[l
     return [tokenizer(t, return_token_type_ids=False, **kwargs)["input_ids"] for t in texts]
 
 
-def batch_order(lengths: list[int], batch_size: int, sort_by_length: bool) -> list[list[int]]:
-    """Index batches, longest first when sorting (as passes.logprobs batches the first-token path)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if sort_by_length else list(range(len(lengths)))
-    return list(passes.batches(order, batch_size))
+def batch_order(lengths: list[int], batch_size: int, sort_by_length: bool,
+                call_tokens: float = float("inf")) -> list[list[int]]:
+    """Index batches, longest first when sorting, cut by call cost (as passes.logprobs batches the
+    first-token path)."""
+    if not sort_by_length:
+        return list(passes.batches(list(range(len(lengths))), batch_size))
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return passes.length_groups(order, lengths, batch_size, call_tokens)
 
 
 @torch.inference_mode()
@@ -143,7 +147,8 @@ def long_replies(engine: Engine, prompts: list[Prompt], max_new_tokens: int) -> 
 
         texts = passes.render(tokenizer, prompts, engine.response_prefix)
         return engine._with_batch("generate", lambda b: greedy_replies(
-            model, tokenizer, texts, max_new_tokens, b, None, share_prefix=engine.share_prefix))
+            model, tokenizer, texts, max_new_tokens, b, None, share_prefix=engine.share_prefix,
+            drafts=engine._drafts if engine.draft_replies else None))
     return engine._with_batch("generate", lambda b: passes.generate_replies(
         model, tokenizer, prompts, engine.response_prefix, max_new_tokens, b, True))
 
@@ -171,7 +176,7 @@ def damage_reference(engine: Engine, prompts: list[Prompt], kl_tokens: int, limi
                           [len(r) for r in replies])
     if 4 * _vocab_size(engine) * sum(ref.counts) <= limit:
         def base(b: int):
-            batches = batch_order([len(x) for x in ref.inputs], b, engine.sort_by_length)
+            batches = batch_order([len(x) for x in ref.inputs], b, engine.sort_by_length, engine.call_tokens())
             rows: list[torch.Tensor | None] = [None] * len(ref.inputs)
             for batch in batches:
                 for i, lp in zip(batch, _forward(engine, ref, batch)):
@@ -200,7 +205,7 @@ def damage_kl(engine: Engine, ref: DamageReference, edit: Callable[[], None], li
     """Per-prompt mean KL(base || edited) over the reply positions. Expects the edit applied; leaves it
     applied (recomputing the base log-probs resets and re-applies it, chunk by chunk)."""
     def run(b: int) -> list[float]:
-        batches = batch_order([len(x) for x in ref.inputs], b, engine.sort_by_length)
+        batches = batch_order([len(x) for x in ref.inputs], b, engine.sort_by_length, engine.call_tokens())
         kl = [0.0] * len(ref.inputs)
         if ref.base is not None and ref.base_batch == b:
             for batch in batches:
