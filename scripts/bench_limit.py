@@ -211,7 +211,7 @@ def run(args) -> dict:
                        if isinstance(m, torch.nn.Linear) and ".lora_" not in name)  # what a decode call streams
     return {"trials": trials, "counter": counter, "shapes": linear_shapes, "threads": torch.get_num_threads(),
             "weight_bytes": weight_bytes,
-            "drafts": None if policy is None else {"acceptance": policy.acceptance(), "cost": policy.cost(1),
+            "drafts": None if policy is None else {"acceptance": policy.acceptance(), "cost": policy.measured_cost(),
                                                    "calls": policy.calls, "wide_calls": policy.wide_calls},
             "model": gguf.name, "n_layers": info["n_layers"], "draft_tokens": settings.draft_tokens}
 

@@ -48,20 +48,27 @@ def test_accepted_length():
     assert accepted_length([4, 5], [4, 5, 6]) == 2
 
 
-def test_policy_fits_the_cost_per_call_and_widens_only_where_it_pays():
-    policy = DraftPolicy(max_tokens=4)
-    assert policy.width([3, 3]) == 4  # nothing timed yet: a memory-bound step (wider is free)
-    for positions in (1, 4, 8, 16, 32):
-        policy.observe_call(positions, 0.1 + 0.01 * positions)
-    a, b = policy.cost(1)
-    assert a == pytest.approx(0.1) and b == pytest.approx(0.01)
-    assert policy.width([0, 0, 0]) == 1  # no drafts: nothing to check
+def test_policy_widens_only_where_it_pays():
+    policy = DraftPolicy(max_tokens=4)  # position_cost 0: a memory-bound step, wider is free
+    assert policy.width([3, 3]) == 4 and policy.width([0, 0, 0]) == 1  # no drafts: nothing to check
+    policy.position_cost = 0.1  # each query position costs a tenth of a call
     # 16 rows whose drafts are mostly rejected: widening costs compute and gains little
     policy.observe_drafts(proposed=1000, accepted=50)
     assert policy.width([4] * 16) == 1
     policy.observe_drafts(proposed=10000, accepted=9950)  # now nearly every draft token is kept
     assert policy.width([4] * 16) > 1
     assert policy.width([4]) == 5  # one row: the call's fixed cost dominates, check the whole draft
+
+
+def test_policy_fits_the_measured_cost_per_call():
+    policy = DraftPolicy(max_tokens=4)
+    policy.observe_call(8, 0.18)
+    assert policy.measured_cost() != policy.measured_cost()  # nan: one call says nothing
+    for positions in (1, 4, 16, 32):
+        policy.observe_call(positions, 0.1 + 0.01 * positions)
+    policy.observe_call(8, 0.18)
+    a, b = policy.measured_cost()
+    assert a == pytest.approx(0.1) and b == pytest.approx(0.01)
 
 
 def replies_and_calls(engine, texts, drafts):
@@ -83,7 +90,7 @@ def test_good_drafts_cut_decode_calls_and_keep_the_replies(llama):
     # transformers' own greedy generate() gives these replies too
     assert plain == passes.generate_replies(engine.model, engine.tokenizer, BAD + GOOD, "", 24, 4, True)
     drafts = Drafts(max_tokens=6)
-    drafts.policy.fixed_cost = (1.0, 0.0)  # a memory-bound step: every draft checked whole (timing-free)
+    drafts.policy.position_cost = 0.0  # a memory-bound step: every draft checked whole
     first, first_calls = replies_and_calls(engine, texts, drafts)  # an empty memory: no drafts
     assert first == plain and first_calls == plain_calls
     assert len(drafts.memory) >= len(set(texts)) // 2  # replies of 2 or more tokens are kept
@@ -100,7 +107,7 @@ def test_wrong_drafts_keep_the_replies(llama):
     plain, _ = replies_and_calls(engine, texts, None)
     encoded = [tuple(ids) for ids in engine.tokenizer(texts)["input_ids"]]
     drafts = Drafts(max_tokens=5)
-    drafts.policy.fixed_cost = (1.0, 0.0)
+    drafts.policy.position_cost = 0.0
     vocab = engine.model.config.vocab_size
     for key, reply in zip(encoded, plain):
         tokens = engine.tokenizer(reply, add_special_tokens=False)["input_ids"]
@@ -109,3 +116,41 @@ def test_wrong_drafts_keep_the_replies(llama):
     replies, _ = replies_and_calls(engine, texts, drafts)
     assert replies == plain
     assert drafts.policy.proposed - 10 >= 20  # drafts were really proposed (10: the prior's count)
+
+
+def test_partly_right_drafts_of_any_length_keep_the_replies_and_the_cache_small(llama, monkeypatch):
+    """Drafts that are right for a random number of tokens and then wrong, of random lengths, with
+    refills (batch 4 < 12 prompts) and the shared head: the same replies; the cache stays about as wide
+    as without drafts (rejected columns do not pile up)."""
+    import random
+
+    from heretic_dist.engine import generation
+
+    engine = ready_engine(llama, max_response_length=24)
+    texts = passes.render(engine.tokenizer, BAD + GOOD)
+    widths = {"now": []}
+    original = generation._decode
+
+    def decode(model, rows, *args, **kwargs):
+        emitted = original(model, rows, *args, **kwargs)
+        widths["now"].append(rows.mask.shape[1])
+        return emitted
+
+    monkeypatch.setattr(generation, "_decode", decode)
+    plain, _ = replies_and_calls(engine, texts, None)
+    plain_width, widths["now"] = max(widths["now"]), []
+    encoded = [tuple(ids) for ids in engine.tokenizer(texts)["input_ids"]]
+    rng = random.Random(0)
+    drafts = Drafts(max_tokens=6)
+    drafts.policy.position_cost = 0.0
+    vocab = engine.model.config.vocab_size
+    for key, reply in zip(encoded, plain):
+        tokens = engine.tokenizer(reply, add_special_tokens=False)["input_ids"]
+        for _ in range(3):  # right up to a random point, then wrong
+            cut = rng.randrange(len(tokens) + 1)
+            drafts.memory.add(key, tokens[:cut] + [rng.randrange(vocab) for _ in range(rng.randrange(1, 8))])
+    replies, _ = replies_and_calls(engine, texts, drafts)
+    assert replies == plain
+    kept = drafts.policy.accepted - 7.0
+    assert kept >= 5 and drafts.policy.proposed - 10 > kept + 5  # some draft tokens kept, some rejected
+    assert max(widths["now"]) <= plain_width + 12, (max(widths["now"]), plain_width)

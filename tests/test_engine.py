@@ -41,9 +41,6 @@ def llama(tmp_path_factory):
 
 def ready_engine(folder, **overrides) -> Engine:
     engine = Engine(make_settings(folder, **overrides))
-    # a fixed cost per decode call (1 + 0.02 per position) instead of the fitted one: draft widths that
-    # do not depend on timing
-    engine._drafts.policy.fixed_cost = (1.0, 0.02)
     good_sum, good_n = engine.residual_sums(GOOD)
     bad_sum, bad_n = engine.residual_sums(BAD)
     engine.set_directions(directions_from_sums(good_sum, good_n, bad_sum, bad_n, True))

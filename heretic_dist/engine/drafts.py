@@ -10,8 +10,9 @@ the greedy replies, exactly up to float rounding; only the number of forward cal
 
 A decode step re-reads every weight whatever its width, so on a GPU (memory-bound decoding) a wider
 step costs little more; on a CPU each query position costs compute. `DraftPolicy` chooses each step's
-width from this machine's own measured cost per call (a + b x query positions, fitted from the decode
-calls it has timed) and the acceptance rate seen so far.
+width from a cost model per call, 1 + position_cost x query positions (a constant per device, so the
+widths, and with them the float rounding of a trial, do not depend on timing), and the acceptance rate
+seen so far. It also fits the calls' measured cost (a + b x positions) for benchmarks to report.
 """
 
 from __future__ import annotations
@@ -77,10 +78,10 @@ class DraftPolicy:
     """Chooses how many query positions a decode step gets, from measured costs and acceptance."""
 
     max_tokens: int
+    position_cost: float = 0.0  # one query position's cost over a call's fixed cost (0: memory-bound GPU)
     accepted: float = 7.0  # draft tokens accepted / proposed, with a prior of 0.7 worth 10 tokens
     proposed: float = 10.0
     _fit: list[float] = field(default_factory=lambda: [0.0] * 5)  # n, sum x, sum y, sum xx, sum xy
-    fixed_cost: tuple[float, float] | None = None  # (a, b) instead of the fit: reproducible widths (tests)
     calls: int = 0  # decode calls made with drafts on (for tests and benchmarks)
     wide_calls: int = 0
 
@@ -97,20 +98,15 @@ class DraftPolicy:
         self._fit = [n + 1, sx + positions, sy + seconds, sxx + positions * positions, sxy + positions * seconds]
         self.calls += 1
 
-    def cost(self, positions: int) -> tuple[float, float]:
-        """(a, b) of cost = a + b x positions, least squares over the timed calls; b = 0 (a GPU-like,
-        memory-bound step) until the calls seen vary in size."""
-        if self.fixed_cost is not None:
-            return self.fixed_cost
+    def measured_cost(self) -> tuple[float, float]:
+        """(a, b) of seconds = a + b x positions, least squares over the timed calls (for reports);
+        (nan, nan) until the calls seen vary in size."""
         n, sx, sy, sxx, sxy = self._fit
-        if n < 3:
-            return 1.0, 0.0
-        var = sxx - sx * sx / n
+        var = sxx - sx * sx / n if n >= 3 else 0.0
         if var <= 1e-9 * max(1.0, sxx):
-            return max(sy / n, 1e-9), 0.0
-        b = max((sxy - sx * sy / n) / var, 0.0)
-        a = max(sy / n - b * sx / n, 1e-9)
-        return a, b
+            return float("nan"), float("nan")
+        b = (sxy - sx * sy / n) / var
+        return sy / n - b * sx / n, b
 
     def width(self, draft_lengths: list[int]) -> int:
         """The step's width (1 = no drafts) with the most expected tokens per second."""
@@ -118,7 +114,7 @@ class DraftPolicy:
         if longest == 0:
             return 1
         p = self.acceptance()
-        a, b = self.cost(len(draft_lengths))
+        a, b = 1.0, self.position_cost
         rows = len(draft_lengths)
         best, best_width = -1.0, 1
         for width in range(1, longest + 2):

@@ -80,8 +80,9 @@ class Engine:
         self.draft_replies = settings.draft_tokens > 0
         self._cost_batches = True  # the KL pass's batches cut by call cost (passes.length_groups)
         self._drafts = Drafts(max(settings.draft_tokens, 1))
-        if self.tensor_parallel:  # every rank must make the same calls: no widths from its own timings
-            self._drafts.policy.fixed_cost = (1.0, 0.0)
+        # a query position costs ~1/32 of a decode call on the benchmark CPU (bench_limit's fit: ~100 ms +
+        # ~3 ms per position); on GPUs a step is memory-bound and wider costs little (not measured yet)
+        self._drafts.policy.position_cost = 1 / CPU_CALL_TOKENS if self.model.device.type == "cpu" else 0.0
         self.prepacked_bytes = 0
         if settings.prepack_weights:
             self.prepack()

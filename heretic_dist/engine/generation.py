@@ -68,22 +68,30 @@ class _Rows:
         return len(self.index)
 
     def keep(self, keep: list[int]) -> None:
-        if len(keep) != len(self.index):
-            idx = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
-            self.index = [self.index[i] for i in keep]
-            self.generated = [self.generated[i] for i in keep]
-            self.mask = self.mask[idx]
-            self.next_tokens = self.next_tokens[idx]
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+        if len(keep) == len(self.index):
+            return
+        idx = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        self.index = [self.index[i] for i in keep]
+        self.generated = [self.generated[i] for i in keep]
+        self.mask = self.mask[idx]
+        self.next_tokens = self.next_tokens[idx]
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[idx], layer.values[idx]
         # columns that are padding in every remaining row (left of the prompts, between a shared prefix
-        # and the prompts' own tokens, or draft tokens no row kept): drop them
+        # and the prompts' own tokens, or draft tokens only the rows that left kept): drop them
         used = self.mask.any(dim=0)
         if len(self.index) and not bool(used.all()):
             columns = used.nonzero().squeeze(-1)
             self.mask = self.mask[:, columns]
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, columns], layer.values[:, :, columns]
+
+    def trim(self, width: int) -> None:
+        """Keep the first `width` columns (the ones after are masked in every row)."""
+        if width < self.mask.shape[1]:
+            self.mask = self.mask[:, :width]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, :width], layer.values[:, :, :width]
 
     def merge(self, other: _Rows) -> None:
         """Append other's rows; the shorter history is left-padded (mask 0), so rows stay left-padded."""
@@ -123,41 +131,37 @@ def _prefill_inputs(head, sequences: list[list[int]], pad_id: int, device, row_a
 
 def _decode(model, rows: _Rows, drafts: list[list[int]], pad_id: int, cache_arg: str,
             adapter_args: dict) -> list[list[int]]:
-    """One decode call: each row's pending token, then its draft tokens (a causal block), right-aligned
-    (rows with shorter drafts start with masked filler). Returns each row's emitted tokens (_accept)."""
+    """One decode call: each row's pending token, then its draft tokens (a causal block), left-aligned so
+    that every row's pending token sits in the same column (shorter drafts end in masked filler).
+    Returns each row's emitted tokens: the draft tokens greedy decoding agrees with, then the model's
+    token after them. The draft tokens not kept are masked out of the cache; the block's columns that
+    no row kept are dropped at once."""
+    from .drafts import accepted_length
+
     n, width, device = len(rows), 1 + max((len(d) for d in drafts), default=0), rows.mask.device
     ids = torch.full((n, width), pad_id, dtype=torch.long)
     fresh = torch.zeros((n, width), dtype=rows.mask.dtype)
     positions = torch.ones((n, width), dtype=torch.long)
-    counts = rows.mask.sum(dim=-1).tolist()  # each row's tokens so far: the pending token's position
-    pending = rows.next_tokens.tolist()  # one device sync, not one per row
+    # each row's tokens so far (the pending token's position) and its pending token, in one sync
+    facts = torch.stack([rows.mask.sum(dim=-1), rows.next_tokens.to(rows.mask.dtype)]).tolist()
     for r, draft in enumerate(drafts):
-        block = [pending[r]] + draft
-        ids[r, width - len(block):] = torch.tensor(block, dtype=torch.long)
-        fresh[r, width - len(block):] = 1
-        positions[r, width - len(block):] = torch.arange(counts[r], counts[r] + len(block))
+        block = [facts[1][r]] + draft
+        ids[r, :len(block)] = torch.tensor(block, dtype=torch.long)
+        fresh[r, :len(block)] = 1
+        positions[r, :len(block)] = torch.arange(facts[0][r], facts[0][r] + len(block))
+    start = rows.mask.shape[1]
     rows.mask = torch.cat([rows.mask, fresh.to(device)], dim=1)
     out = model(input_ids=ids.to(device), attention_mask=rows.mask, position_ids=positions.to(device),
                 use_cache=True, logits_to_keep=width, **{cache_arg: rows.cache}, **adapter_args)
-    predicted = out.logits.float().argmax(dim=-1).tolist()
-    return _accept(rows.mask, rows.mask.shape[1], drafts,
-                   [p[width - 1 - len(d):] for p, d in zip(predicted, drafts)])
-
-
-def _accept(mask: torch.Tensor, end: int, drafts: list[list[int]], predicted: list[list[int]]) -> list[list[int]]:
-    """Each row's emitted tokens: its leading draft tokens that greedy decoding agrees with, then the
-    model's token after them. predicted[r][j]: the model's token after the row's tokens up to
-    draft[j - 1]. Row r's draft ends just before column `end`; the draft tokens not kept are masked
-    out (and their columns dropped once no row uses them)."""
-    from .drafts import accepted_length
-
-    emitted = []
-    for r, draft in enumerate(drafts):
-        kept = accepted_length(draft, predicted[r])
-        if kept < len(draft):
-            mask[r, end - len(draft) + kept:end] = 0
-        emitted.append(predicted[r][:kept + 1])
-    return emitted
+    predicted = out.logits.argmax(dim=-1).tolist()  # argmax of the logits as they are: no float copy
+    kept = [accepted_length(d, p) for d, p in zip(drafts, predicted)]
+    if width > 1:
+        block_mask = torch.zeros((n, width), dtype=rows.mask.dtype)
+        for r, k in enumerate(kept):
+            block_mask[r, :k + 1] = 1
+        rows.mask[:, start:] = block_mask.to(device)
+        rows.trim(start + 1 + max(kept))
+    return [p[:k + 1] for p, k in zip(predicted, kept)]
 
 
 def _advance(tokenizer, generated: list[int], tokens: list[int], eos: set[int], max_new_tokens: int,
