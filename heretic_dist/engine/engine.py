@@ -26,6 +26,20 @@ log = logging.getLogger(__name__)
 CPU_CALL_TOKENS = 32.0  # see Engine.call_tokens
 
 
+def _batching_switch(attribute: str) -> property:
+    """A speed-up switch that changes how log-probs are batched: flipping it drops the cached baselines
+    (the other batching changes their last bits)."""
+    def get(self) -> bool:
+        return getattr(self, attribute)
+
+    def set_(self, value: bool) -> None:
+        if value != getattr(self, attribute):
+            self._baselines.clear()
+        setattr(self, attribute, value)
+
+    return property(get, set_)
+
+
 def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
@@ -79,33 +93,17 @@ class Engine:
         # draft tokens from earlier replies (engine/drafts.py); the memory lives as long as the engine
         self.draft_replies = settings.draft_tokens > 0
         self._cost_batches = True  # the KL pass's batches cut by call cost (passes.length_groups)
+        # a call's fixed cost in tokens: on the benchmark CPU a query position costs ~1/32 of a decode call
+        # (bench_limit's fit: ~100 ms + ~3 ms per position); on GPUs a step is memory-bound (not measured)
+        self._call_tokens = CPU_CALL_TOKENS if self.model.device.type == "cpu" else float("inf")
         self._drafts = Drafts(max(settings.draft_tokens, 1))
-        # a query position costs ~1/32 of a decode call on the benchmark CPU (bench_limit's fit: ~100 ms +
-        # ~3 ms per position); on GPUs a step is memory-bound and wider costs little (not measured yet)
-        self._drafts.policy.position_cost = 1 / CPU_CALL_TOKENS if self.model.device.type == "cpu" else 0.0
+        self._drafts.policy.position_cost = 1 / self._call_tokens  # 0 where calls cost the same at any width
         self.prepacked_bytes = 0
         if settings.prepack_weights:
             self.prepack()
 
-    @property
-    def sort_by_length(self) -> bool:
-        return self._sort_by_length
-
-    @sort_by_length.setter
-    def sort_by_length(self, value: bool) -> None:
-        if value != self._sort_by_length:
-            self._baselines.clear()  # the other batching changes the last bits of the log-probs
-        self._sort_by_length = value
-
-    @property
-    def cost_batches(self) -> bool:
-        return self._cost_batches
-
-    @cost_batches.setter
-    def cost_batches(self, value: bool) -> None:
-        if value != self._cost_batches:
-            self._baselines.clear()  # the other batching changes the last bits of the log-probs
-        self._cost_batches = value
+    sort_by_length = _batching_switch("_sort_by_length")
+    cost_batches = _batching_switch("_cost_batches")  # the KL pass's batches cut by call cost
 
     @property
     def share_prefix(self) -> bool:
@@ -303,7 +301,7 @@ class Engine:
         cutting the KL pass's batches. A constant, so the unedited model's baseline and every trial are
         batched alike: on the benchmark CPU a call costs ~90-100 ms plus ~2-3 ms per token
         (docs/benchmarks.md, bench_limit). Not measured on GPUs: plain batches there."""
-        return CPU_CALL_TOKENS if self._cost_batches and self.model.device.type == "cpu" else float("inf")
+        return self._call_tokens if self._cost_batches else float("inf")
 
     def refusal_replies(self, prompts: list[Prompt], adapters: list[str] | None = None) -> list[str]:
         """Replies to score (a reply may stop early once it contains a marker: its verdict is fixed).

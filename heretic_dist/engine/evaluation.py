@@ -72,16 +72,6 @@ def encode(tokenizer, texts: list[str], max_length: int | None = None) -> list[l
     return [tokenizer(t, return_token_type_ids=False, **kwargs)["input_ids"] for t in texts]
 
 
-def batch_order(lengths: list[int], batch_size: int, sort_by_length: bool,
-                call_tokens: float = float("inf")) -> list[list[int]]:
-    """Index batches, longest first when sorting, cut by call cost (as passes.logprobs batches the
-    first-token path)."""
-    if not sort_by_length:
-        return list(passes.batches(list(range(len(lengths))), batch_size))
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return passes.length_groups(order, lengths, batch_size, call_tokens)
-
-
 @torch.inference_mode()
 def greedy_reply_ids(model, tokenizer, texts: list[str], max_new_tokens: int, batch_size: int,
                      eos: set[int]) -> list[list[int]]:
@@ -118,7 +108,7 @@ def mean_kl(base: torch.Tensor, edited: torch.Tensor) -> float:
 def nll_total(model, rows: list[list[int]], batch_size: int, pad_id: int | None) -> tuple[float, int]:
     """(sum of the token NLLs, number of predicted tokens) over token rows, in length-sorted batches."""
     total, count = 0.0, 0
-    for batch in batch_order([len(r) for r in rows], batch_size, True):
+    for batch in passes.sorted_batches([len(r) for r in rows], batch_size, True):
         part = [rows[i] for i in batch]
         ids, mask = left_pad(part, pad_id, model.device)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=passes.position_ids(mask),
@@ -176,7 +166,7 @@ def damage_reference(engine: Engine, prompts: list[Prompt], kl_tokens: int, limi
                           [len(r) for r in replies])
     if 4 * _vocab_size(engine) * sum(ref.counts) <= limit:
         def base(b: int):
-            batches = batch_order([len(x) for x in ref.inputs], b, engine.sort_by_length, engine.call_tokens())
+            batches = passes.sorted_batches([len(x) for x in ref.inputs], b, engine.sort_by_length, engine.call_tokens())
             rows: list[torch.Tensor | None] = [None] * len(ref.inputs)
             for batch in batches:
                 for i, lp in zip(batch, _forward(engine, ref, batch)):
@@ -205,7 +195,7 @@ def damage_kl(engine: Engine, ref: DamageReference, edit: Callable[[], None], li
     """Per-prompt mean KL(base || edited) over the reply positions. Expects the edit applied; leaves it
     applied (recomputing the base log-probs resets and re-applies it, chunk by chunk)."""
     def run(b: int) -> list[float]:
-        batches = batch_order([len(x) for x in ref.inputs], b, engine.sort_by_length, engine.call_tokens())
+        batches = passes.sorted_batches([len(x) for x in ref.inputs], b, engine.sort_by_length, engine.call_tokens())
         kl = [0.0] * len(ref.inputs)
         if ref.base is not None and ref.base_batch == b:
             for batch in batches:

@@ -172,9 +172,14 @@ def residuals(
     return torch.cat(parts)
 
 
-def by_length(encoded: list[list[int]]) -> list[int]:
-    """Indices of token lists, longest first: batches of similar length waste less compute on padding."""
-    return sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+def sorted_batches(lengths: list[int], batch_size: int, sort_by_length: bool,
+                   call_tokens: float = float("inf")) -> list[list[int]]:
+    """Index batches: longest first and cut by call cost (length_groups) when sorting, else in order.
+    Longest first: batches of similar length waste less compute on padding."""
+    if not sort_by_length:
+        return list(batches(list(range(len(lengths))), batch_size))
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return length_groups(order, lengths, batch_size, call_tokens)
 
 
 def logprobs(model, tokenizer, prompts: list[Prompt], response_prefix: str, batch_size: int,
@@ -189,10 +194,10 @@ def logprobs(model, tokenizer, prompts: list[Prompt], response_prefix: str, batc
 
     texts = render(tokenizer, prompts, response_prefix)
     encoded = tokenizer(texts, return_token_type_ids=False)["input_ids"]
-    order = by_length(encoded) if sort_by_length else list(range(len(texts)))
     shared = prefix.split(model, encoded, adapters) if share_prefix else None
     own = [len(ids) for ids in (shared[1] if shared is not None else encoded)]  # tokens each row computes
-    groups = length_groups(order, own, batch_size, call_tokens) if sort_by_length else batches(order, batch_size)
+    groups = sorted_batches(own, batch_size, sort_by_length, call_tokens)
+    order = [i for group in groups for i in group]
     parts = []
     for b in groups:
         if shared is None:
