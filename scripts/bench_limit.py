@@ -25,7 +25,11 @@ Usage:
    (LM head included) from memory, so it takes at least their bytes over this machine's read bandwidth
    (measured: summing a 1 GiB float32 tensor, torch's threads), or its FLOPs over the compute rate if
    that is longer. Summed over the decode calls actually made (draft blocks included).
-5. Printed: per phase FLOPs, real vs padded rows, the limit in seconds and ours (the engine's own
+5. The GEMM floor as measured: every nn.Linear call of the trials (module, row count) is recorded and
+   replayed alone afterwards, in order, on random inputs (replay_linears): the time the kernels need for
+   exactly this work here; ours minus it is what the rest of a forward (attention, norms, cache, Python)
+   costs.
+6. Printed: per phase FLOPs, real vs padded rows, the limit in seconds and ours (the engine's own
    kl_s / generation_s timings), and the trial as a whole: ours / limit.
 --record writes the section `bench_limit` of docs/benchmarks.md.
 """
@@ -66,6 +70,7 @@ class WorkCounter:
         self.real_rows = defaultdict(int)  # ... without padding
         self.calls = defaultdict(int)
         self.row_shapes: dict[str, list[int]] = defaultdict(list)  # rows per decoder call
+        self.linear_calls: dict[str, list[tuple[object, int]]] = defaultdict(list)  # phase -> (Linear, rows)
         self.n_heads, self.head_dim, self.n_layers = n_heads, head_dim, n_layers
         self.handles = [m.register_forward_hook(self._linear) for m in model.modules() if isinstance(m, nn.Linear)]
         self.handles.append(_decoder(model).register_forward_pre_hook(self._decoder, with_kwargs=True))
@@ -75,6 +80,7 @@ class WorkCounter:
             x = inputs[0]
             rows = x.numel() // module.in_features
             self.flops[self.call_phase] += 2.0 * rows * module.in_features * module.out_features
+            self.linear_calls[self.call_phase].append((module, rows))
 
     def _decoder(self, module, args, kwargs) -> None:
         if self.phase is None:
@@ -203,13 +209,14 @@ def run(args) -> dict:
                        "flops": {p: counter.flops[p] - before[p] for p in PHASES}})
         study.tell(trial, [float(result.refusals), result.kl_sum])
     counter.close()
+    replay = replay_linears(counter, len(trials))
     # the layer's own weights; LoRA factors (rank-wide) are counted in the FLOPs but would drag the rate down
     linear_shapes = sorted({(m.in_features, m.out_features) for m in _decoder(engine.model).layers[0].modules()
                             if isinstance(m, torch.nn.Linear) and min(m.in_features, m.out_features) >= 64})
     policy = engine._drafts.policy if engine.draft_replies else None
     weight_bytes = sum(m.weight.numel() * m.weight.element_size() for name, m in engine.model.named_modules()
                        if isinstance(m, torch.nn.Linear) and ".lora_" not in name)  # what a decode call streams
-    return {"trials": trials, "counter": counter, "shapes": linear_shapes, "threads": torch.get_num_threads(),
+    return {"trials": trials, "counter": counter, "replay": replay, "shapes": linear_shapes, "threads": torch.get_num_threads(),
             "weight_bytes": weight_bytes,
             "drafts": None if policy is None else {"acceptance": policy.acceptance(), "cost": policy.measured_cost(),
                                                    "calls": policy.calls, "wide_calls": policy.wide_calls},
@@ -241,6 +248,28 @@ def _phase_wrappers(engine, counter: WorkCounter) -> None:
             counter.in_decode = False
 
     generation._decode = decode
+
+
+def replay_linears(counter: WorkCounter, n_trials: int) -> dict[str, float]:
+    """Seconds per trial of each phase's nn.Linear calls replayed alone: the same modules (their own
+    forwards: prepacked weights, LoRA factors, the LM head), the same row counts, in the trials' order,
+    on random inputs. What the GEMM kernels need for this work on this machine, without attention,
+    norms, cache handling or Python between them (run after counter.close(): no hooks)."""
+    import torch
+
+    inputs: dict[tuple[int, int], torch.Tensor] = {}
+    seconds = {}
+    with torch.inference_mode():
+        for phase in PHASES:
+            calls = counter.linear_calls[phase]
+            for module, rows in calls:
+                if (rows, module.in_features) not in inputs:
+                    inputs[rows, module.in_features] = torch.randn(rows, module.in_features)
+            started = time.perf_counter()
+            for module, rows in calls:
+                module(inputs[rows, module.in_features])
+            seconds[phase] = (time.perf_counter() - started) / n_trials
+    return seconds
 
 
 def work_median(rows_per_call: list[int]) -> int:
@@ -309,6 +338,12 @@ def report(facts: dict) -> list[str]:
     lines += [f"memory floor of the decode steps: {c.calls['decode'] // n} calls x {facts['weight_bytes'] / 1e9:.2f} GB "
               f"of Linear weights / {bandwidth / 1e9:.1f} GB/s read bandwidth = {memory_floor:.3f} s per trial; "
               f"with it: limit {real_floor:.3f} s, ours / limit = {whole / real_floor:.2f}"]
+    replay = facts["replay"]
+    gemm = sum(replay.values())
+    lines += [f"the trials' own Linear calls replayed alone (same modules and row counts, in order): "
+              + ", ".join(f"{phase} {replay[phase]:.3f} s" for phase in PHASES)
+              + f" = {gemm:.3f} s per trial; ours / that = {whole / gemm:.2f}; the rest (attention, norms, "
+              f"cache, Python) {whole - gemm:.3f} s"]
     drafts = facts["drafts"]
     if drafts:  # engine/drafts.py: decode calls that also checked draft tokens (their FLOPs count above)
         a, b = drafts["cost"]
