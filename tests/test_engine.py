@@ -9,6 +9,7 @@ from tiny_models import tiny_model_folder
 from transformers import AutoModelForCausalLM
 
 from heretic_dist.config import Settings
+from heretic_dist.engine import head_screen
 from heretic_dist.engine.ablation import directions_from_sums
 from heretic_dist.search.space import decode_trial_params, layer_weight
 from heretic_dist.engine.components import find_components
@@ -148,7 +149,7 @@ def test_early_stop_keeps_refusal_counts(llama):
 
 
 SPEEDUPS = ("early_stop", "fast_generation", "sort_by_length", "prepack", "share_prefix", "drafts",
-            "cost_batches")
+            "cost_batches", "head_screen")
 
 
 def set_speedups(engine: Engine, on: set[str]) -> None:
@@ -163,6 +164,8 @@ def set_speedups(engine: Engine, on: set[str]) -> None:
         assert engine.prepack() > 0  # really packed: otherwise this compares plain with plain
     else:
         engine.unpack()
+    engine.screen_head = "head_screen" in on  # needs the packed head
+    assert engine.screen_head == ({"head_screen", "prepack"} <= on and head_screen.supported())
 
 
 def replay_with_and_without(engine: Engine, trials: list, on: set[str]) -> list[tuple]:
@@ -220,7 +223,7 @@ def test_speedups_keep_results_on_smollm2():
         trials.append(decode_trial_params(raw, 30))
     set_speedups(engine, set(SPEEDUPS))
     fast = [engine.run_trial(params, Shard()) for params in trials]  # every speed-up on, once
-    for off in ("all", "prepack", "sort_by_length"):  # all off, then the two that change float rounding
+    for off in ("all", "prepack", "sort_by_length", "head_screen"):  # all off, then those that change rounding
         set_speedups(engine, set() if off == "all" else set(SPEEDUPS) - {off})
         for params, on in zip(trials, fast):
             slow = engine.run_trial(params, Shard())

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from . import experts, multi, parallel, passes
+from . import experts, head_screen, multi, parallel, passes
 from heretic_dist.config import cluster_count
 from heretic_dist.search.space import layer_weight
 
@@ -99,11 +99,25 @@ class Engine:
         self._drafts = Drafts(max(settings.draft_tokens, 1))
         self._drafts.policy.position_cost = 1 / self._call_tokens  # 0 where calls cost the same at any width
         self.prepacked_bytes = 0
+        self._screen_head = True  # with prepacked weights on a CPU with bfloat16 matmuls
         if settings.prepack_weights:
             self.prepack()
 
     sort_by_length = _batching_switch("_sort_by_length")
     cost_batches = _batching_switch("_cost_batches")  # the KL pass's batches cut by call cost
+
+    @property
+    def screen_head(self) -> bool:
+        """Greedy tokens from a bfloat16 screen of the prepacked LM head (engine/head_screen.py)."""
+        return head_screen.screen_of(self.model) is not None
+
+    @screen_head.setter
+    def screen_head(self, value: bool) -> None:
+        self._screen_head, head = value, self.model.get_output_embeddings()
+        if not value:
+            self.prepacked_bytes -= head_screen.uninstall(head)
+        elif self.prepacked_bytes and not self.screen_head:
+            self.prepacked_bytes += head_screen.install(head)
 
     @property
     def share_prefix(self) -> bool:
@@ -117,23 +131,14 @@ class Engine:
         self._share_prefix = value
 
     def prepack(self) -> int:
-        """Prepack the frozen CPU linear weights (not the LoRA factors) when memory allows them.
-        Returns the bytes packed (0: not packed)."""
-        from .prepack import packable, prepack_linears, prepack_supported
+        """Prepack the frozen CPU linear weights (not the LoRA factors) when memory allows them, with
+        the LM head's bfloat16 screen where it applies. Returns the bytes packed (0: not packed)."""
+        from .prepack import prepack_model
 
-        if self.prepacked_bytes or not prepack_supported():
-            return self.prepacked_bytes
-        need = sum(m.weight.numel() * m.weight.element_size() for n, m in self.model.named_modules()
-                   if packable(m) and ".lora_" not in n)
-        import psutil
-
-        available = psutil.virtual_memory().available
-        if need and available < 1.5 * need:
-            log.warning("not prepacking CPU weights: they need %.1f GiB, %.1f GiB is available",
-                        need / 2**30, available / 2**30)
-            return 0
-        self.prepacked_bytes = prepack_linears(self.model, skip=lambda name: ".lora_" in name)
-        self._baselines.clear()  # log-probs of the other path differ in the last bits
+        if not self.prepacked_bytes:
+            self.prepacked_bytes = prepack_model(self.model, self._screen_head)
+            if self.prepacked_bytes:
+                self._baselines.clear()  # log-probs of the other path differ in the last bits
         return self.prepacked_bytes
 
     def unpack(self) -> None:

@@ -36,6 +36,9 @@ def _packed_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     weight = self.weight
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return torch.nn.functional.linear(x, weight, self.bias)  # no autograd through the packed op
+    screen = getattr(self, "_head_screen", None)  # an LM head inside argmax_only (engine/head_screen.py)
+    if screen is not None and screen.applies(self, x):
+        return screen(self, x)
     stamp = (weight.data_ptr(), weight._version)
     if stamp != self._prepacked_stamp:
         self._prepacked_weight, self._prepacked_stamp = _pack(weight), stamp
@@ -69,4 +72,30 @@ def unpack_linears(model: torch.nn.Module) -> None:
     for module in model.modules():
         if hasattr(module, "_prepacked_weight"):
             del module._prepacked_weight, module._prepacked_stamp
+            if hasattr(module, "_head_screen"):
+                del module._head_screen
             del module.forward  # the class's forward again
+
+
+def prepack_model(model: torch.nn.Module, screen_head: bool) -> int:
+    """prepack_linears for a model's frozen weights (LoRA factors change every trial: not packed) when
+    1.5x their bytes are free, and the LM head's bfloat16 screen (engine/head_screen.py) when asked and
+    there is room for it too. Returns the bytes the copies take (0: nothing packed)."""
+    import psutil
+
+    from . import head_screen
+
+    if not prepack_supported():
+        return 0
+    need = sum(m.weight.numel() * m.weight.element_size() for n, m in model.named_modules()
+               if packable(m) and ".lora_" not in n)
+    available = psutil.virtual_memory().available
+    if need and available < 1.5 * need:
+        log.warning("not prepacking CPU weights: they need %.1f GiB, %.1f GiB is available",
+                    need / 2**30, available / 2**30)
+        return 0
+    packed = prepack_linears(model, skip=lambda name: ".lora_" in name)
+    head = model.get_output_embeddings()
+    if screen_head and packed and available >= 1.5 * need + head.weight.numel() * 2:
+        packed += head_screen.install(head)
+    return packed
