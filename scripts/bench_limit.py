@@ -12,7 +12,9 @@ Usage:
    new tokens x context for the attention products. Calls are split into the KL pass (prefill of the
    harmless prompts), the refusal prefill and the decode steps actually taken (early stops included),
    and padded rows are counted apart from real tokens.
-2. FLOPs = 2 x multiply-adds: the Linears exactly as called; attention as 2 x 2 x heads x head_dim x
+2. FLOPs = 2 x multiply-adds: the Linears exactly as called (an LM head answering greedy decoding
+   through its bfloat16 screen, engine/head_screen.py, counts as float32: the limit is the float32
+   computation's); attention as 2 x 2 x heads x head_dim x
    (new tokens x context) per layer (scores and weighted sum, the full rectangle as SDPA computes it).
    Not counted: embeddings, norms, activations, rotary, sampling (memory-bound and small here).
 3. This machine's sustained fp32 matmul rate, with torch's thread count as the engine runs: torch.mm and
@@ -70,7 +72,8 @@ class WorkCounter:
         self.real_rows = defaultdict(int)  # ... without padding
         self.calls = defaultdict(int)
         self.row_shapes: dict[str, list[int]] = defaultdict(list)  # rows per decoder call
-        self.linear_calls: dict[str, list[tuple[object, int]]] = defaultdict(list)  # phase -> (Linear, rows)
+        # phase -> (Linear, rows, screened: an LM head answering through its bfloat16 screen)
+        self.linear_calls: dict[str, list[tuple[object, int, bool]]] = defaultdict(list)
         self.n_heads, self.head_dim, self.n_layers = n_heads, head_dim, n_layers
         self.handles = [m.register_forward_hook(self._linear) for m in model.modules() if isinstance(m, nn.Linear)]
         self.handles.append(_decoder(model).register_forward_pre_hook(self._decoder, with_kwargs=True))
@@ -80,7 +83,8 @@ class WorkCounter:
             x = inputs[0]
             rows = x.numel() // module.in_features
             self.flops[self.call_phase] += 2.0 * rows * module.in_features * module.out_features
-            self.linear_calls[self.call_phase].append((module, rows))
+            screen = getattr(module, "_head_screen", None)
+            self.linear_calls[self.call_phase].append((module, rows, bool(screen and screen.applies(module, x))))
 
     def _decoder(self, module, args, kwargs) -> None:
         if self.phase is None:
@@ -252,9 +256,10 @@ def _phase_wrappers(engine, counter: WorkCounter) -> None:
 
 def replay_linears(counter: WorkCounter, n_trials: int) -> dict[str, float]:
     """Seconds per trial of each phase's nn.Linear calls replayed alone: the same modules (their own
-    forwards: prepacked weights, LoRA factors, the LM head), the same row counts, in the trials' order,
-    on random inputs. What the GEMM kernels need for this work on this machine, without attention,
-    norms, cache handling or Python between them (run after counter.close(): no hooks)."""
+    forwards: prepacked weights, LoRA factors, the LM head, through its bfloat16 screen where the trial
+    used it), the same row counts, in the trials' order, on random inputs. What the GEMM kernels need
+    for this work on this machine, without attention, norms, cache handling or Python between them
+    (run after counter.close(): no hooks)."""
     import torch
 
     inputs: dict[tuple[int, int], torch.Tensor] = {}
@@ -262,12 +267,18 @@ def replay_linears(counter: WorkCounter, n_trials: int) -> dict[str, float]:
     with torch.inference_mode():
         for phase in PHASES:
             calls = counter.linear_calls[phase]
-            for module, rows in calls:
+            for module, rows, _ in calls:
                 if (rows, module.in_features) not in inputs:
                     inputs[rows, module.in_features] = torch.randn(rows, module.in_features)
             started = time.perf_counter()
-            for module, rows in calls:
-                module(inputs[rows, module.in_features])
+            for module, rows, screened in calls:
+                if screened:
+                    module._head_screen.active += 1
+                try:
+                    module(inputs[rows, module.in_features])
+                finally:
+                    if screened:
+                        module._head_screen.active -= 1
             seconds[phase] = (time.perf_counter() - started) / n_trials
     return seconds
 
