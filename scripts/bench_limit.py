@@ -259,7 +259,8 @@ def replay_linears(counter: WorkCounter, n_trials: int) -> dict[str, float]:
     forwards: prepacked weights, LoRA factors, the LM head, through its bfloat16 screen where the trial
     used it), the same row counts, in the trials' order, on random inputs. What the GEMM kernels need
     for this work on this machine, without attention, norms, cache handling or Python between them
-    (run after counter.close(): no hooks)."""
+    (run after counter.close(): no hooks). The screened head's cost depends a little on its input (how
+    many tokens it recomputes), so on random inputs its share is close, not exact."""
     import torch
 
     inputs: dict[tuple[int, int], torch.Tensor] = {}

@@ -40,6 +40,57 @@ def test_slack_bounds_the_screen_error(hidden, scale):
     assert float((error / slack[:, None]).max()) > 1e-3  # the bound is not vacuous: errors are real
 
 
+def test_slack_is_nearly_reached_by_a_worst_case():
+    """Every input and weight rounds down to bfloat16 by almost a unit and the output rounds down too:
+    the error comes within a few percent of the bound (a bound 1.1x too small fails here)."""
+    k = 257
+    value = 1 + 2.0 ** -8 - 2.0 ** -20  # rounds down to 1 in bfloat16
+    x, weight = torch.full((1, k), value), torch.full((4, k), value)
+    screened = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), packed(weight), None, "none", [], "")
+    exact = float(x[0].double() @ weight[0].double())
+    top = screened.max(dim=1).values.float()
+    slack = float(head_screen.screen_slack(x.norm(dim=1), top, float(weight.norm(dim=1).max()), k))
+    error = abs(float(screened[0, 0]) - exact)
+    assert 0.9 * slack < error <= slack
+
+
+def test_rows_with_nan_or_inf_or_no_contrast_get_their_float32_row():
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(6000, 64, generator=gen) * 0.05
+    x = torch.randn(4, 64, generator=gen)
+    x[1] = 0.0  # every token ties: more candidates than WHOLE_ROW
+    x[2, 5] = float("nan")
+    x[3, 7] = float("inf")
+    plain = torch.nn.functional.linear(x, weight)
+    logits = screen(x, weight)
+    assert torch.equal(logits.max(dim=1).indices, plain.max(dim=1).indices)
+    assert bool(torch.isfinite(logits[1]).all())  # computed whole, not gathered token by token
+    weight[123, 0] = float("nan")
+    assert torch.equal(screen(x[:1], weight).max(dim=1).indices, torch.tensor([123]))
+
+
+def test_screen_applies_only_inside_argmax_only_and_for_the_weight_it_copied(llama):
+    engine = ready_engine(llama, prepack_weights=True)
+    head, screen_ = engine.model.get_output_embeddings(), head_screen.screen_of(engine.model)
+    x = torch.randn(2, head.in_features)
+    with torch.inference_mode():
+        assert not screen_.applies(head, x)
+        with pytest.raises(RuntimeError):
+            with head_screen.argmax_only(engine.model):
+                assert screen_.applies(head, x)
+                raise RuntimeError("a failed call")
+        assert screen_.active == 0 and not screen_.applies(head, x)  # the depth is restored
+        with head_screen.argmax_only(engine.model):
+            head.weight.mul_(1.0)  # an in-place change: the copy is stale, the float32 head answers
+            assert not screen_.applies(head, x)
+    before = engine.prepacked_bytes
+    engine.screen_head = False
+    assert head_screen.screen_of(engine.model) is None
+    assert engine.prepacked_bytes == before - head.weight.numel() * 2
+    engine.screen_head = True
+    assert engine.screen_head and engine.prepacked_bytes == before
+
+
 def near_tie_head(vocab: int, hidden: int = 256, twins: int = 8, gap: float = 2e-3):
     """Hidden states whose best tokens come in groups of `twins` rows that differ by `gap` in logit:
     bfloat16 cannot order them, float32 can."""

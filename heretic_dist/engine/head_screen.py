@@ -17,6 +17,7 @@ keeps the float32 head.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Iterator
 
 import torch
@@ -24,6 +25,7 @@ import torch
 BF16_UNIT = 2.0 ** -8  # unit roundoff of bfloat16 (8 significant bits, round to nearest)
 FP32_UNIT = 2.0 ** -24
 CANDIDATES = 64  # tokens per row taken from the screen's top-k; more only where the bound needs it
+WHOLE_ROW = 4096  # past this many candidates a row's float32 logits are computed whole (bounded memory)
 
 
 def supported() -> bool:
@@ -47,9 +49,12 @@ def screen_slack(hidden_norms: torch.Tensor, top: torch.Tensor, weight_norm: flo
     weight_norm the largest row norm). Rounding the output to bfloat16 adds u/(1-u) of its magnitude,
     which is at most |top| + 2E for the tokens that matter. Solving E = A + u'(|top| + 2E) for E.
 
-    Why the argmax survives: let t be the exact argmax and j the screened one. y_t >= y_j >= top - E,
-    so t's screened logit is >= y_t - E >= top - 2E: t is a candidate. Every other token's screened
-    logit is below top - 2E <= y_t - E, under t's recomputed exact logit."""
+    Why the argmax survives: let t be the exact argmax and j the screened one (screened logit top).
+    y_t >= y_j >= top - E. The product and accumulation part A holds for every token, and rounding to
+    bfloat16 is monotone, so t's screened logit is at least the rounding of y_t - A, which is within
+    the output term of y_t - A: t's screened logit is >= top - 2E, and t is a candidate. Every
+    non-candidate's screened logit is below top - 2E, and so below y_t, which t's recomputed float32
+    logit carries (up to float32 rounding)."""
     u = BF16_UNIT
     u_out = u / (1 - u)
     products = (2 * u + u * u + 2 * k * FP32_UNIT) * hidden_norms * weight_norm
@@ -57,11 +62,31 @@ def screen_slack(hidden_norms: torch.Tensor, top: torch.Tensor, weight_norm: flo
     return slack * 1.01 + 1e-6  # margin for the float32 arithmetic of the bound itself
 
 
+def _candidates(screened: torch.Tensor, threshold: torch.Tensor, values: torch.Tensor,
+                indices: torch.Tensor, whole: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, tokens) at or above each row's threshold, from the top-k where it holds them all, and the
+    rows to compute whole in float32 (`whole` in, plus those with more than WHOLE_ROW candidates)."""
+    rows, slots = (values >= threshold[:, None]).nonzero(as_tuple=True)
+    tokens = indices[rows, slots]
+    crowded = ((values[:, -1] >= threshold) & ~whole).nonzero().squeeze(1)  # candidates beyond the top-k
+    if len(crowded):
+        more = screened[crowded] >= threshold[crowded, None]
+        many = more.sum(dim=1) > WHOLE_ROW
+        whole = whole.clone()
+        whole[crowded[many]] = True
+        more_rows, more_tokens = more[~many].nonzero(as_tuple=True)
+        rows, tokens = torch.cat([rows, crowded[~many][more_rows]]), torch.cat([tokens, more_tokens])
+    keep = ~whole[rows]
+    return rows[keep], tokens[keep], whole
+
+
 def screened_logits(x: torch.Tensor, weight: torch.Tensor, packed_bf16: torch.Tensor,
                     weight_norm: float) -> torch.Tensor:
     """Logits of `x` (..., hidden) whose argmax per row is the float32 argmax: the candidates' entries
     are exact float32 (x . w), every other entry -inf. Only the bfloat16 product and one top-k touch
-    the whole vocabulary; a row with more than CANDIDATES candidates is compared in full."""
+    the whole vocabulary. A row with more than CANDIDATES candidates is compared in full; one with more
+    than WHOLE_ROW, or with a non-finite screened maximum (NaN or inf in its input or the weight), gets
+    its whole float32 row."""
     shape = x.shape
     flat = x.reshape(-1, shape[-1]).float().contiguous()
     screened = torch.ops.mkldnn._linear_pointwise(flat.to(torch.bfloat16), packed_bf16, None, "none", [], "")
@@ -70,14 +95,11 @@ def screened_logits(x: torch.Tensor, weight: torch.Tensor, packed_bf16: torch.Te
     threshold = top - 2 * screen_slack(flat.norm(dim=1), top, weight_norm, flat.shape[1])
     # in bfloat16, rounded down (never above the float32 threshold: more candidates, never fewer)
     threshold = (threshold - 2 * BF16_UNIT * threshold.abs()).to(torch.bfloat16)
-    rows, slots = (values >= threshold[:, None]).nonzero(as_tuple=True)
-    tokens = indices[rows, slots]
-    crowded = (values[:, -1] >= threshold).nonzero().squeeze(1)  # candidates beyond the top-k
-    if len(crowded):
-        more_rows, tokens_more = (screened[crowded] >= threshold[crowded, None]).nonzero(as_tuple=True)
-        rows, tokens = torch.cat([rows, crowded[more_rows]]), torch.cat([tokens, tokens_more])
+    rows, tokens, whole = _candidates(screened, threshold, values, indices, ~torch.isfinite(threshold))
     logits = torch.full(screened.shape, float("-inf"), dtype=torch.float32, device=flat.device)
     logits[rows, tokens] = (weight[tokens].float() * flat[rows]).sum(dim=1)
+    if bool(whole.any()):
+        logits[whole] = torch.nn.functional.linear(flat[whole], weight.float())
     return logits.view(*shape[:-1], -1)
 
 
@@ -85,17 +107,25 @@ class HeadScreen:
     """The bfloat16 copy of an LM head's weight and the switch that makes the head screen."""
 
     def __init__(self, head: torch.nn.Linear):
-        weight = head.weight.detach()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16), 16)
-        self.weight_norm = float(weight.float().norm(dim=1).max())
-        self.stamp = (weight.data_ptr(), weight._version)  # a replaced or changed weight turns it off
-        self.active = 0  # nesting depth of argmax_only
+        weight = head.weight
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16), 16)
+        self.weight_norm = float(weight.detach().float().norm(dim=1).max())
+        self.weight, self.version = weight, weight._version  # a replaced or changed weight turns it off
+        self._depth = threading.local()  # argmax_only's nesting depth, per thread
         self.calls = 0
+
+    @property
+    def active(self) -> int:
+        return getattr(self._depth, "value", 0)
+
+    @active.setter
+    def active(self, value: int) -> None:
+        self._depth.value = value
 
     def applies(self, head: torch.nn.Linear, x: torch.Tensor) -> bool:
         weight = head.weight
         return (self.active > 0 and not torch.is_grad_enabled() and x.dtype == torch.float32
-                and (weight.data_ptr(), weight._version) == self.stamp)
+                and weight is self.weight and weight._version == self.version)
 
     def __call__(self, head: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1

@@ -96,6 +96,7 @@ def prepack_model(model: torch.nn.Module, screen_head: bool) -> int:
         return 0
     packed = prepack_linears(model, skip=lambda name: ".lora_" in name)
     head = model.get_output_embeddings()
-    if screen_head and packed and available >= 1.5 * need + head.weight.numel() * 2:
+    # the screen's bfloat16 copy is half a float32 head (and twice that while it is built)
+    if screen_head and packed and head is not None and available >= 1.5 * need + head.weight.numel() * 4:
         packed += head_screen.install(head)
     return packed
